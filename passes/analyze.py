@@ -92,38 +92,56 @@ def _signature(node: fx.Node, leaves: list, treespec, grads: list[bool]) -> tupl
     return (str(node.target), str(treespec), canonical)
 
 
-def _measure(node: fx.Node, leaves: list, treespec, grads: list[bool]) -> OpCost:
-    """Runs `node`'s op on meta tensors, forward and backward, and records what happens."""
+def _meta_args(leaves: list, treespec, grads: list[bool]) -> tuple[tuple, dict, list[torch.Tensor]]:
+    """The op's args and kwargs with every tensor as a fresh meta tensor (one per graph value)."""
     metas: dict[str, torch.Tensor] = {}
-    tensor_args: list[torch.Tensor] = []
-    real_leaves = []
+    real = []
     for leaf, rg in zip(leaves, grads):
         if isinstance(leaf, fx.Node):
             if leaf.name not in metas:
                 metas[leaf.name] = _as_meta(leaf.meta["val"], rg)
-                tensor_args.append(metas[leaf.name])
-            real_leaves.append(metas[leaf.name])
-        elif isinstance(leaf, torch.device):
-            real_leaves.append(torch.device("meta"))
+            real.append(metas[leaf.name])
         else:
-            real_leaves.append(leaf)
-    args, kwargs = pytree.tree_unflatten(real_leaves, treespec)
+            real.append(torch.device("meta") if isinstance(leaf, torch.device) else leaf)
+    args, kwargs = pytree.tree_unflatten(real, treespec)
+    return args, kwargs, list(metas.values())
 
+
+def _backward_flops(outs: list[torch.Tensor], ins: list[torch.Tensor]) -> int:
+    wants_grad = [t for t in outs if t.requires_grad]
+    needs_grad = [t for t in ins if t.requires_grad]
+    if not (wants_grad and needs_grad):
+        return 0
+    with FlopCounterMode(display=False) as counter:
+        torch.autograd.grad(wants_grad, needs_grad, [torch.empty_like(t) for t in wants_grad], allow_unused=True)
+    return counter.get_total_flops()
+
+
+def _bytes_moved(target, ins: list[torch.Tensor], outs: list[torch.Tensor], aliases: tuple) -> int:
+    if all(a is not None for a in aliases):
+        return 0  # a view: no kernel runs
+    out_bytes = sum(t.nbytes for t in outs)
+    if target in _GATHERS:  # the table is read only where gathered: about the output's size
+        return sum(t.nbytes for t in ins[1:]) + 2 * out_bytes
+    return sum(t.nbytes for t in ins) + out_bytes
+
+
+def _measure(node: fx.Node, leaves: list, treespec, grads: list[bool]) -> OpCost:
+    """Runs `node`'s op on meta tensors, forward and backward, and records what happens."""
+    args, kwargs, ins = _meta_args(leaves, treespec, grads)
     saved: list[torch.Tensor] = []
 
     def pack(t):
         saved.append(t)
         return t
 
-    with FlopCounterMode(display=False) as forward_counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with FlopCounterMode(display=False) as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = node.target(*args, **kwargs)
-    outs = [o for o in (out if isinstance(out, (list, tuple)) else [out])]
-    out_tensors = [o for o in outs if isinstance(o, torch.Tensor)]
+    outs = [o for o in (out if isinstance(out, (list, tuple)) else [out]) if isinstance(o, torch.Tensor)]
 
-    in_ids = {_storage_id(t): i for i, t in enumerate(tensor_args)}
-    out_ids = {_storage_id(t): i for i, t in enumerate(out_tensors)}
-    aliases = tuple(in_ids.get(_storage_id(t)) for t in out_tensors)
-
+    in_ids = {_storage_id(t): i for i, t in enumerate(ins)}
+    out_ids = {_storage_id(t): i for i, t in enumerate(outs)}
+    aliases = tuple(in_ids.get(_storage_id(t)) for t in outs)
     saved_inputs, saved_outputs, internal = set(), set(), {}
     for t in saved:
         sid = _storage_id(t)
@@ -134,33 +152,12 @@ def _measure(node: fx.Node, leaves: list, treespec, grads: list[bool]) -> OpCost
         else:
             internal[sid] = max(internal.get(sid, 0), t.untyped_storage().nbytes())
 
-    backward_flops = 0
-    wants_grad = [t for t in out_tensors if t.requires_grad]
-    needs_grad = [t for t in tensor_args if t.requires_grad]
-    if wants_grad and needs_grad:
-        with FlopCounterMode(display=False) as backward_counter:
-            torch.autograd.grad(wants_grad, needs_grad, [torch.empty_like(t) for t in wants_grad],
-                                allow_unused=True)
-        backward_flops = backward_counter.get_total_flops()
-
-    flops = forward_counter.get_total_flops()
-    if all(a is not None for a in aliases):
-        moved = 0
-    else:
-        read = list(tensor_args)
-        if node.target in _GATHERS:
-            read = read[1:]  # the table: only the gathered rows are read, counted with the output
-            moved = sum(t.nbytes for t in out_tensors)
-        else:
-            moved = 0
-        moved += sum(t.nbytes for t in read) + sum(t.nbytes for t in out_tensors)
-    cost = OpCost(flops=flops, backward_flops=backward_flops, bytes_moved=moved,
+    cost = OpCost(flops=counter.get_total_flops(), backward_flops=_backward_flops(outs, ins),
+                  bytes_moved=_bytes_moved(node.target, ins, outs, aliases),
                   saved_inputs=tuple(sorted(saved_inputs)), saved_outputs=tuple(sorted(saved_outputs)),
                   internal_saved_bytes=sum(internal.values()), output_aliases=aliases,
-                  output_requires_grad=tuple(t.requires_grad for t in out_tensors))
-    if node.target in _FLASH_ATTENTION:
-        cost = _as_flash_attention(cost, tensor_args, out_tensors)
-    return cost
+                  output_requires_grad=tuple(t.requires_grad for t in outs))
+    return _as_flash_attention(cost, ins, outs) if node.target in _FLASH_ATTENTION else cost
 
 
 def _as_flash_attention(cost: OpCost, tensor_args: list[torch.Tensor], outs: list[torch.Tensor]) -> OpCost:
