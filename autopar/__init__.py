@@ -2,13 +2,17 @@
 
     import autopar
     cluster = autopar.Cluster.preset("h100", nodes=8, gpus_per_node=8)
-    captured = autopar.capture(model, (tokens,), loss_fn=loss, target=targets)
+    plan = autopar.plan(model, cluster, example_inputs=(tokens,), loss_fn=loss, target=targets)
+    print(plan.summary())
 """
 
+from autopar import models
 from autopar.capture import capture
 from autopar.cluster import Cluster, DeviceSpec, Link, PeakFlops
 from autopar.errors import AutoparError, CaptureError, InfeasibleError
+from autopar.plan import Plan
+from autopar.planner import plan
 
 __version__ = "0.1.0"
-__all__ = ["AutoparError", "CaptureError", "Cluster", "DeviceSpec", "InfeasibleError", "Link", "PeakFlops",
-           "capture"]
+__all__ = ["AutoparError", "CaptureError", "Cluster", "DeviceSpec", "InfeasibleError", "Link", "PeakFlops", "Plan",
+           "capture", "models", "plan"]

@@ -13,7 +13,7 @@ inner width i = n_heads·d_head, vocabulary V and P positions:
 
 Two rows of the table are not self-consistent, and are read this way:
 - 13B: d_model 5140 but 40 heads × d_head 128 = 5120. The heads keep d_head 128;
-  `qkv` projects 5140 -> 3·5120 and `proj` 5120 -> 5140 (12.93B parameters).
+  `q`, `k`, `v` project 5140 -> 5120 and `proj` 5120 -> 5140 (12.93B parameters).
 - XL 1.3B: 24 heads × d_head 128 = 3072 ≠ d_model 2048; that width would make a
   1.52B model, which the paper would not call 1.3B. d_model 2048 and d_head 128 are
   kept and the heads are 16 = 2048 / 128 (as GPT-Neo 1.3B), giving 1.316B.
@@ -53,26 +53,31 @@ class GPTConfig:
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention: (B, T, d_model) -> (B, T, d_model).
 
-    The heads span an inner width n_heads·d_head that need not equal d_model.
+    The heads span an inner width n_heads·d_head that need not equal d_model. q, k and v are
+    three projections rather than GPT-2's fused one: the same parameters and function, but a
+    column-sharded fused output cannot be split into per-head q, k, v on each rank, while
+    separate projections shard by heads directly (Megatron's layout).
     """
 
     def __init__(self, d_model: int, n_heads: int, d_head: int) -> None:
         super().__init__()
         self.n_heads, self.d_head = n_heads, d_head
-        self.qkv = nn.Linear(d_model, 3 * n_heads * d_head)
+        self.q = nn.Linear(d_model, n_heads * d_head)
+        self.k = nn.Linear(d_model, n_heads * d_head)
+        self.v = nn.Linear(d_model, n_heads * d_head)
         self.proj = nn.Linear(n_heads * d_head, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         heads = (self.n_heads, self.d_head)
-        q, k, v = self.qkv(x).split(self.n_heads * self.d_head, dim=-1)  # 3 × (B, T, H·Dh)
-        q, k, v = (t.unflatten(-1, heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
+        q, k, v = (p(x).unflatten(-1, heads).transpose(1, 2) for p in (self.q, self.k, self.v))  # (B, H, T, Dh)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, Dh)
         return self.proj(y.transpose(1, 2).flatten(-2))  # (B, T, d_model)
 
     def init_weights(self, generator: torch.Generator, *, std: float, out_std: float) -> None:
-        nn.init.normal_(self.qkv.weight, std=std, generator=generator)
+        for p in (self.q, self.k, self.v):
+            nn.init.normal_(p.weight, std=std, generator=generator)
+            nn.init.zeros_(p.bias)
         nn.init.normal_(self.proj.weight, std=out_std, generator=generator)
-        nn.init.zeros_(self.qkv.bias)
         nn.init.zeros_(self.proj.bias)
 
 

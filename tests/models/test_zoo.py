@@ -85,7 +85,7 @@ def test_gpt_param_formula(name):
 
 def test_gpt3_13b_keeps_the_table_width_and_head_dim():
     model = models.get("gpt3-13b").build("meta")
-    assert model.layers[0].attn.qkv.weight.shape == (3 * 40 * 128, 5140)
+    assert model.layers[0].attn.q.weight.shape == (40 * 128, 5140)
     assert model.layers[0].attn.proj.weight.shape == (5140, 5120)
 
 

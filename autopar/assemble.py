@@ -1,0 +1,106 @@
+"""From a solved sharding problem to a `Stage` of the Plan: placements, costs and collectives.
+
+Takes a `ShardingProblem` and its `ShardingSolution`; gives the stage's per-node and per-parameter
+placements (every instance of a shared unit gets its canonical unit's strategy), its `Cost`, and
+the list of collectives the plan runs: every placement change on every tensor (read off the
+placements, forward and backward), plus the ones strategies run inside (an op's own all-reduces,
+parameter synchronization), each with bytes, predicted time and how often it runs per step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from autopar.graph import CapturedGraph
+from autopar.plan import CollectiveRecord, Cost, NodePlan, ParamPlan, Stage
+from autopar.vocab import R
+from autopar.passes.ilp import ShardingSolution
+from autopar.passes.rules import tensor_args
+from autopar.passes.sharding import ShardingProblem
+from autopar.passes.strategies import NodeSharding, grads_of, normalized
+
+
+def fingerprint(captured: CapturedGraph) -> str:
+    """Ops, shapes and dtypes of every node, hashed: a plan only runs on the graph it was made for."""
+    parts = [(n.name, n.op, tuple((m.shape, str(m.dtype)) for m in n.outputs)) for n in captured.nodes.values()]
+    return hashlib.sha1(repr(parts).encode()).hexdigest()[:16]
+
+
+def stage(problem: ShardingProblem, solution: ShardingSolution, *, index: int = 0,
+          layers: tuple[int, int] | None = None) -> tuple[Stage, list[CollectiveRecord]]:
+    ctx = problem.context
+    nodes, params = {}, {}
+    totals = {"compute": 0.0, "comm": 0.0, "optimizer": 0.0, "activations": 0.0, "state": 0.0}
+    for unit in problem.units:
+        strategy = problem.strategies[unit.canonical][solution.choice[unit.canonical]]
+        for m, name in enumerate(unit.members):
+            info = ctx.captured.nodes[name]
+            sharding = strategy.members[m]
+            nodes[name] = NodePlan(op=info.op, module=info.module_path, layer=info.layer, inputs=sharding.inputs,
+                                   outputs=sharding.outputs, kinds=sharding.kinds)
+        for (m, j), held in strategy.params.items():
+            arg = tensor_args(ctx.fx_nodes[unit.members[m]])[j]
+            params[ctx.roles.params[arg.name]] = ParamPlan(
+                shape=tuple(arg.meta["val"].shape), use=held.use, storage=held.storage, grad=held.grad,
+                level=held.level)
+        for key in totals:
+            totals[key] += getattr(strategy, key)
+    edge_time = sum(e.count * e.cost[e.rows[solution.choice[e.src]]][e.cols[solution.choice[e.dst]]]
+                    for e in problem.edges)
+    records = _collectives(problem, solution, nodes, params)
+    devices = problem.mesh.size
+    dtype = "fp32" if problem.options.precision == "fp32" else problem.options.precision
+    model_flops = ctx.captured.flops + ctx.captured.backward_flops
+    step_time = solution.step_time
+    cost = Cost(step_time=step_time, compute=totals["compute"], communication=totals["comm"] + edge_time,
+                optimizer=totals["optimizer"], peak_memory=solution.memory, activations=totals["activations"],
+                parameter_state=totals["state"],
+                mfu=model_flops / step_time / (devices * problem.cluster.device.peak(dtype)) if step_time else 0.0)
+    span = layers or (0, len(ctx.captured.layers))
+    return Stage(index=index, layers=span, mesh=problem.mesh, nodes=nodes, params=params, cost=cost), records
+
+
+def _collectives(problem: ShardingProblem, solution: ShardingSolution, nodes: dict[str, NodePlan],
+                 params: dict[str, ParamPlan]) -> list[CollectiveRecord]:
+    ctx = problem.context
+    canonical = {}
+    for unit in problem.units:
+        for name, canon in zip(unit.members, problem.units[unit.canonical].members):
+            canonical[name] = canon
+    found: dict[tuple, list] = {}
+
+    def add(name: str, phase: str, collectives) -> None:
+        for c in collectives:
+            key = (canonical.get(name, name), phase, c.kind, c.axis, c.group_size, c.bytes, c.time)
+            found.setdefault(key, [name, 0])[1] += 1
+
+    w_bytes, g_bytes, _ = ctx.param_bytes()
+    for name, plan in nodes.items():
+        grads = grads_of(NodeSharding(inputs=plan.inputs, outputs=plan.outputs, kinds=plan.kinds))
+        for j, arg in enumerate(tensor_args(ctx.fx_nodes[name])):
+            if arg.name in nodes:  # an activation: its producer's placement → this op's
+                produced, nbytes = nodes[arg.name].outputs[0], ctx.nbytes(arg.name)
+                add(name, "forward", ctx.resharder.collectives(produced, plan.inputs[j], nbytes))
+                if ctx.captured.nodes[arg.name].requires_grad:
+                    add(name, "backward", ctx.resharder.collectives(grads[j], normalized(produced), nbytes))
+            elif arg.name in ctx.roles.params and ctx.owner[arg.name][0] != _unit_of(problem, name):
+                held = params[ctx.roles.params[arg.name]]  # a tied parameter used away from its owner
+                numel = ctx.captured.params[ctx.roles.params[arg.name]].meta.numel
+                add(name, "forward", ctx.resharder.collectives(held.storage, plan.inputs[j], numel * w_bytes))
+                add(name, "backward", ctx.resharder.collectives(grads[j], held.grad, numel * g_bytes))
+    for out in ctx.fx_nodes["output"].all_input_nodes:
+        if out.name in nodes and ctx.captured.nodes[out.name].output is not None:
+            placed = nodes[out.name].outputs[0]
+            add(out.name, "forward", ctx.resharder.collectives(placed, tuple(R for _ in placed), ctx.nbytes(out.name)))
+    for unit in problem.units:
+        strategy = problem.strategies[unit.canonical][solution.choice[unit.canonical]]
+        position = {n: i for i, n in enumerate(problem.units[unit.canonical].members)}
+        for canon_name, phase, c in strategy.collectives:
+            add(unit.members[position[canon_name]], phase, [c])
+    return [CollectiveRecord(node=name, module=ctx.captured.nodes[name].module_path, phase=phase, kind=kind,
+                             axis=axis, group_size=size, bytes=nbytes, time=t, count=count)
+            for (_, phase, kind, axis, size, nbytes, t), (name, count) in found.items()]
+
+
+def _unit_of(problem: ShardingProblem, name: str) -> int:
+    return problem.context.unit_of[name]

@@ -1,0 +1,144 @@
+"""`autopar.plan`: model, inputs and cluster in, a `Plan` out. No devices are touched.
+
+    plan = autopar.plan(model, Cluster.preset("h100", nodes=8), example_inputs=(tokens,),
+                        loss_fn=loss, target=targets)
+    print(plan.summary())
+
+Steps, top to bottom:
+1. capture the training step (`autopar.capture`; a model on the meta device stays there);
+2. for every candidate mesh (1-D, and 2-D with the inner axis inside a node), build the sharding
+   problem and solve the named baselines that run on it: they are the comparisons in the summary
+   and the warm start of the ILP;
+3. solve the full ILP on each mesh, warm-started from that mesh's best baseline;
+4. keep the fastest plan that fits, and assemble it with its costs and collectives.
+With `strategy` a baseline's name, steps 2 and 3 solve only that baseline, on its mesh.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch.nn as nn
+
+from autopar.assemble import fingerprint, stage
+from autopar.capture import capture
+from autopar.cluster import Cluster
+from autopar.cost.memory import normalize_precision
+from autopar.errors import InfeasibleError
+from autopar.graph import CapturedGraph
+from autopar.plan import STRATEGIES, Comparison, MeshResult, Plan, Schedule, SearchReport
+from autopar.units import fmt_bytes
+from autopar.vocab import LogicalMesh, candidate_meshes
+from autopar.passes import baselines
+from autopar.passes.ilp import ShardingSolution, solve
+from autopar.passes.sharding import ShardingOptions, ShardingProblem, build_problem
+
+logger = logging.getLogger(__name__)
+
+
+def plan(model: nn.Module, cluster: Cluster, *, example_inputs: tuple, loss_fn: Callable | None = None,
+         target: Any = None, strategy: str = "auto", precision: str = "fp32", optimizer: str = "adamw",
+         memory_budget: float | None = None, time_limit: float = 60.0) -> Plan:
+    """The fastest plan for one training step of `model` on `cluster` that fits in memory.
+
+    `strategy`: "auto" searches everything; "dp", "zero1", "zero2", "fsdp", "tp", "dp+tp", "sp" give
+    that hand-written family's best plan. `memory_budget`: bytes per device (default: 90% of the
+    device). `time_limit`: seconds per ILP solve; the best plan found by then is returned, with a
+    warning. Raises `InfeasibleError` when nothing fits, with the memory needed and available.
+    """
+    captured = capture(model, example_inputs, loss_fn=loss_fn, target=target)
+    return plan_graph(captured, cluster, model_name=type(model).__name__, strategy=strategy, precision=precision,
+                      optimizer=optimizer, memory_budget=memory_budget, time_limit=time_limit)
+
+
+def plan_graph(captured: CapturedGraph, cluster: Cluster, *, model_name: str = "model", strategy: str = "auto",
+               precision: str = "fp32", optimizer: str = "adamw", memory_budget: float | None = None,
+               time_limit: float = 60.0, meshes: list[LogicalMesh] | None = None) -> Plan:
+    """`plan` for a graph already captured."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: found {strategy!r}, required one of {', '.join(STRATEGIES)}")
+    if not time_limit > 0:
+        raise ValueError(f"time_limit: found {time_limit!r}, required > 0 seconds")
+    options = ShardingOptions(precision=normalize_precision(precision), optimizer=optimizer,
+                              memory_budget=memory_budget)
+    start = time.perf_counter()
+    names = baselines.BASELINES if strategy == "auto" else (strategy,)
+    meshes = meshes or _meshes(cluster, names if strategy != "auto" else None)
+
+    best: tuple[ShardingProblem, ShardingSolution] | None = None
+    comparisons, tried, floors, warnings = [], [], [], []
+    for mesh in meshes:
+        problem = build_problem(captured, mesh, cluster, options)
+        warnings += [w for w in problem.warnings if w not in warnings]
+        found = _solve_baselines(problem, names, cluster, time_limit, comparisons)
+        if strategy == "auto":
+            warm = min(found, key=lambda s: s.step_time) if found else None
+            try:
+                found = [solve(problem, time_limit=time_limit, warm_start=warm.choice if warm else None)]
+            except InfeasibleError as e:
+                floors.append(e)
+                found = []
+        tried.append(MeshResult(shape=mesh.shape, step_time=min((s.step_time for s in found), default=None),
+                                note="" if found else "nothing fits"))
+        for solution in found:
+            if best is None or solution.step_time < best[1].step_time:
+                best = (problem, solution)
+    if best is None:
+        raise _nothing_fits(strategy, cluster, floors, comparisons)
+    problem, solution = best
+    if solution.status != "optimal":
+        warnings.append(f"the solver stopped at the {time_limit:g} s time limit: the plan is within "
+                        f"{solution.gap:.1%} of the best possible one")
+    one, collectives = stage(problem, solution)
+    report = SearchReport(solver=solution.solver, status=solution.status, gap=solution.gap,
+                          variables=solution.variables, constraints=solution.constraints,
+                          seconds=time.perf_counter() - start, meshes=tuple(tried))
+    return Plan(model=model_name, fingerprint=fingerprint(captured), strategy=strategy, precision=options.precision,
+                optimizer=optimizer, cluster=cluster, stages=(one,), schedule=Schedule(), cost=one.cost,
+                collectives=tuple(sorted(collectives, key=lambda c: -c.time * c.count)), search=report,
+                baselines=tuple(comparisons), warnings=tuple(warnings))
+
+
+def _meshes(cluster: Cluster, names) -> list[LogicalMesh]:
+    if names is None:
+        return candidate_meshes(cluster)
+    shape = baselines.mesh_shape(names[0], cluster)
+    if shape is None:
+        raise ValueError(f"strategy {names[0]!r} needs devices in two dims (data-parallel groups of "
+                         f"tensor-parallel groups inside a node); found {cluster.num_devices} device(s), "
+                         f"{cluster.devices_per_node} per node")
+    return [LogicalMesh.build(cluster, shape)]
+
+
+def _solve_baselines(problem: ShardingProblem, names, cluster: Cluster, time_limit: float,
+                     comparisons: list[Comparison]) -> list[ShardingSolution]:
+    found = []
+    for name in names:
+        if baselines.mesh_shape(name, cluster, problem.mesh.size) != problem.mesh.shape:
+            continue
+        try:
+            solution = solve(problem, time_limit=time_limit, allowed=baselines.predicate(name, problem))
+        except InfeasibleError as e:
+            comparisons.append(Comparison(strategy=name, mesh=problem.mesh.shape, step_time=None, peak_memory=None,
+                                          note=str(e)))
+            continue
+        comparisons.append(Comparison(strategy=name, mesh=problem.mesh.shape, step_time=solution.step_time,
+                                      peak_memory=solution.memory))
+        found.append(solution)
+    return found
+
+
+def _nothing_fits(strategy: str, cluster: Cluster, floors: list[InfeasibleError],
+                  comparisons: list[Comparison]) -> InfeasibleError:
+    needed = min((e.required_bytes for e in floors if e.required_bytes), default=None)
+    if needed is None:
+        notes = "; ".join(f"{c.strategy}: {c.note}" for c in comparisons if c.note)
+        return InfeasibleError(f"no {strategy} plan fits on {cluster.describe()}: {notes}")
+    return InfeasibleError(
+        f"no plan fits: the model needs at least {fmt_bytes(needed)} per device under the best mesh and plan, "
+        f"and {cluster.num_devices} × {cluster.device.name} have {fmt_bytes(cluster.device.memory)} each "
+        f"(less the workspace margin); required: more devices, a larger memory budget, or pipeline stages",
+        required_bytes=needed, available_bytes=cluster.device.memory)

@@ -1,0 +1,101 @@
+"""Edges of the sharding problem: what it costs to move tensors from one unit to another.
+
+Takes the units and their strategies; gives `EdgeTable`s. For a tensor leaving unit V in
+placement a and entering unit U in placement b, the cost is the forward reshard a → b plus, when a
+gradient flows back, the backward reshard from the gradient's placement at U's op to a with
+partial made replicated (`passes.reshard`). Tied parameters are edges too: from the unit that holds
+the parameter (storage, gradient placement) to each other unit that uses it.
+
+Strategies that present the same placements on an edge are one *class*: the table is priced per
+pair of classes, which keeps it (and the ILP's edge variables) small. All the occurrences of an
+edge between units that identical layers share are one table with a count.
+"""
+
+from __future__ import annotations
+
+from autopar.passes.rules import tensor_args
+from autopar.passes.sharding import Context, EdgeTable
+from autopar.passes.strategies import Strategy, grads_of, normalized
+from autopar.passes.units import Unit
+
+
+def _descriptors(ctx: Context, units: list[Unit], unit_of: dict[str, int]) -> dict[tuple, list]:
+    """(canonical source, canonical target, tensors) → the instance nodes behind each occurrence."""
+    found: dict[tuple, list] = {}
+    for unit in units:
+        per_source: dict[int, list[tuple]] = {}
+        for m, name in enumerate(unit.members):
+            node = ctx.fx_nodes[name]
+            follows = unit.sources.get(name, (None,))[0] if m > 0 else None
+            for j, arg in enumerate(tensor_args(node)):
+                if arg.name in ctx.roles.activations and arg.name != follows:
+                    source = unit_of[arg.name]
+                    if source == unit.index:
+                        continue
+                    position = units[source].members.index(arg.name)
+                    per_source.setdefault(source, []).append(("act", position, m, j, arg.name))
+                elif arg.name in ctx.roles.params:
+                    owner, mo, jo = ctx.owner[arg.name]
+                    if owner != unit.index:
+                        per_source.setdefault(owner, []).append(("param", mo, jo, m, j, arg.name))
+        for source, tensors in per_source.items():
+            key = (units[source].canonical, unit.canonical, tuple(t[:-1] for t in tensors))
+            found.setdefault(key, []).append([t[-1] for t in tensors])
+    return found
+
+
+def build_edges(ctx: Context, units: list[Unit], unit_of: dict[str, int],
+                strategies: dict[int, list[Strategy]]) -> list[EdgeTable]:
+    edges = []
+    for (src, dst, tensors), occurrences in _descriptors(ctx, units, unit_of).items():
+        names = occurrences[0]
+        rows, row_keys = _classes([_row_key(s, tensors) for s in strategies[src]])
+        cols, col_keys = _classes([_col_key(s, tensors) for s in strategies[dst]])
+        cost = [[_price(ctx, tensors, names, rk, ck) for ck in col_keys] for rk in row_keys]
+        edges.append(EdgeTable(src=src, dst=dst, count=len(occurrences), rows=rows, cols=cols, cost=cost))
+    return edges
+
+
+def _classes(keys: list) -> tuple[list[int], list]:
+    index: dict = {}
+    classes = [index.setdefault(k, len(index)) for k in keys]
+    return classes, list(index)
+
+
+def _row_key(strategy: Strategy, tensors: tuple) -> tuple:
+    key = []
+    for t in tensors:
+        if t[0] == "act":
+            key.append(strategy.members[t[1]].outputs[0])
+        else:
+            held = strategy.params[(t[1], t[2])]
+            key.append((held.storage, held.grad))
+    return tuple(key)
+
+
+def _col_key(strategy: Strategy, tensors: tuple) -> tuple:
+    key = []
+    for t in tensors:
+        m, j = (t[2], t[3]) if t[0] == "act" else (t[3], t[4])
+        sharding = strategy.members[m]
+        key.append((sharding.inputs[j], grads_of(sharding)[j]))
+    return tuple(key)
+
+
+def _price(ctx: Context, tensors: tuple, names: list[str], row: tuple, col: tuple) -> float:
+    total = 0.0
+    w_bytes, g_bytes, _ = ctx.param_bytes()
+    for t, name, produced, (needed, grad) in zip(tensors, names, row, col):
+        if t[0] == "act":
+            nbytes = ctx.nbytes(name)
+            total += ctx.resharder.time(produced, needed, nbytes)
+            if ctx.captured.nodes[name].requires_grad:
+                total += ctx.resharder.time(grad, normalized(produced), nbytes)
+        else:
+            storage, grad_target = produced
+            param = ctx.captured.params[ctx.roles.params[name]]
+            numel = param.meta.numel
+            total += ctx.resharder.time(storage, needed, numel * w_bytes)
+            if param.requires_grad:
+                total += ctx.resharder.time(grad, grad_target, numel * g_bytes)
+    return total

@@ -1,0 +1,296 @@
+"""The sharding problem: units with priced strategies, and edges with priced placement changes.
+
+Takes a captured graph, a logical mesh, the cluster and `ShardingOptions`; gives a
+`ShardingProblem` for `passes.ilp.solve`:
+
+    problem = build_problem(captured, mesh, cluster, ShardingOptions(precision="fp32"))
+    solution = solve(problem)
+
+Costs are per training step, per device, in seconds and bytes. The time of a plan is the sum of
+its units' strategies (compute, collectives inside, optimizer) and of its edges: for a tensor
+that leaves one unit in placement a and enters another in placement b, the forward reshard a → b
+and the backward reshard of its gradient (`passes.reshard`). Units that identical layers share
+are priced once and counted as often as they occur.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from autopar.cluster import Cluster
+from autopar.cost.comm import CommModel
+from autopar.cost.compute import DTYPE_NAMES
+from autopar.cost.memory import state_bytes_per_param
+from autopar.graph import CapturedGraph
+from autopar.vocab import R, LogicalMesh, Placements, shard_count
+from autopar.passes.reshard import Resharder
+from autopar.passes.strategies import (LEVELS, NodeSharding, ParamSharding, Strategy, all_placements, follower_sharding,
+                               grads_of, leader_options, local_time, normalized, param_options, partial_on,
+                               split_axes)
+from autopar.passes.rules import tensor_args
+from autopar.passes.units import Roles, Unit, build_units, roles
+
+_INTERNAL = ("vocab_cross_entropy", "sync_batch_norm", "batch_mean_loss")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ShardingOptions:
+    precision: str = "fp32"
+    """"fp32", or "bf16"/"fp16" (mixed: 16-bit weights and gradients, fp32 master and state)."""
+    optimizer: str = "adamw"
+    memory_budget: float | None = None
+    """Bytes per device a plan may use; default: the device's memory less `workspace`."""
+    workspace: float = 0.1
+    """Fraction of device memory kept free for temporaries and fragmentation."""
+    levels: tuple[int, ...] = LEVELS
+    """Parameter storage levels to consider (0 DDP, 1 ZeRO-1, 2 ZeRO-2, 3 FSDP)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.workspace < 1:
+            raise ValueError(f"workspace: found {self.workspace}, required a fraction in [0, 1)")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise ValueError(f"memory_budget: found {self.memory_budget}, required > 0 bytes")
+        if not self.levels or any(level not in LEVELS for level in self.levels):
+            raise ValueError(f"levels: found {self.levels}, required a non-empty subset of {LEVELS}")
+
+
+@dataclass(slots=True)
+class EdgeTable:
+    """Placement changes between two (canonical) units, priced by class of strategy."""
+
+    src: int
+    dst: int
+    count: int
+    rows: list[int]
+    """Per strategy of `src`: its class."""
+    cols: list[int]
+    """Per strategy of `dst`: its class."""
+    cost: list[list[float]]
+    """Seconds, [row class][column class], for one occurrence."""
+
+
+@dataclass(slots=True)
+class ShardingProblem:
+    captured: CapturedGraph
+    mesh: LogicalMesh
+    cluster: Cluster
+    options: ShardingOptions
+    units: list[Unit]
+    strategies: dict[int, list[Strategy]]
+    """Per canonical unit."""
+    counts: dict[int, int]
+    edges: list[EdgeTable]
+    budget: float
+    fixed_memory: float
+    """Bytes every plan holds regardless of strategy (buffers)."""
+    context: Context
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def canonical(self) -> list[int]:
+        return sorted(self.strategies)
+
+
+@dataclass(slots=True)
+class Context:
+    captured: CapturedGraph
+    roles: Roles
+    mesh: LogicalMesh
+    resharder: Resharder
+    device: object
+    options: ShardingOptions
+    fx_nodes: dict
+    unit_of: dict[str, int] = field(default_factory=dict)
+    owner: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    """Parameter placeholder → (unit, member position, argument position) of its first use."""
+
+    def nbytes(self, name: str) -> float:
+        return self.captured.nodes[name].output.nbytes
+
+    def param_bytes(self) -> tuple[float, float, float]:
+        """Bytes per element of (weights, gradients, master + optimizer state)."""
+        s = state_bytes_per_param(self.options.precision, self.options.optimizer)
+        return s.weights, s.gradients, s.master + s.optimizer
+
+
+def build_problem(captured: CapturedGraph, mesh: LogicalMesh, cluster: Cluster,
+                  options: ShardingOptions = ShardingOptions()) -> ShardingProblem:
+    """The sharding problem of `captured` on `mesh`; see the module docstring."""
+    graph_roles = roles(captured)
+    units, unit_of = build_units(captured, graph_roles)
+    ctx = Context(captured=captured, roles=graph_roles, mesh=mesh, resharder=Resharder(mesh, CommModel(cluster)),
+                  device=cluster.device, options=options,
+                  fx_nodes={n.name: n for n in captured.program.graph.nodes}, unit_of=unit_of)
+    _find_owners(ctx, units)
+    counts: dict[int, int] = {}
+    for unit in units:
+        counts[unit.canonical] = counts.get(unit.canonical, 0) + 1
+    strategies = {u.index: _strategies(ctx, u) for u in units if u.canonical == u.index}
+    warnings = [f"no sharding rule for {ctx.fx_nodes[u.members[0]].target} at {u.members[0]} "
+                f"({captured.nodes[u.members[0]].module_path or 'top level'}): it runs replicated"
+                for u in units if u.kind == "fallback"]
+    from autopar.passes.edges import build_edges
+
+    edges = build_edges(ctx, units, unit_of, strategies)
+    budget = options.memory_budget or cluster.device.memory * (1 - options.workspace)
+    fixed = sum(captured.nodes[n].output.nbytes for n in graph_roles.state
+                if captured.nodes[n].op == "placeholder" and captured.nodes[n].output is not None)
+    return ShardingProblem(captured=captured, mesh=mesh, cluster=cluster, options=options, units=units,
+                           strategies=strategies, counts=counts, edges=edges, budget=budget, fixed_memory=fixed,
+                           context=ctx, warnings=warnings)
+
+
+def _find_owners(ctx: Context, units: list[Unit]) -> None:
+    for unit in units:
+        for m, name in enumerate(unit.members):
+            for j, arg in enumerate(tensor_args(ctx.fx_nodes[name])):
+                if arg.name in ctx.roles.params and arg.name not in ctx.owner:
+                    ctx.owner[arg.name] = (unit.index, m, j)
+
+
+def _first_options(ctx: Context, unit: Unit) -> list[NodeSharding]:
+    """The leader's shardings. A boundary follower has one per placement it can carry; the edge
+    into it pays for bringing its input there."""
+    node = ctx.fx_nodes[unit.members[0]]
+    shape = ctx.mesh.shape
+    if unit.kind == "input":
+        return [NodeSharding(inputs=(), outputs=(p,)) for p in all_placements(node.meta["val"], shape, partial=False)]
+    if unit.kind == "boundary":
+        source_name, index = unit.sources[unit.members[0]]
+        source = ctx.fx_nodes[source_name]
+        value = source.meta["val"][index] if isinstance(source.meta["val"], (list, tuple)) else source.meta["val"]
+        options = [follower_sharding(node, source, p, shape, index) for p in all_placements(value, shape, True)]
+        return list(dict.fromkeys(options))
+    return leader_options(node, shape)
+
+
+def _strategies(ctx: Context, unit: Unit) -> list[Strategy]:
+    out = []
+    for first in _first_options(ctx, unit):
+        members = [first]
+        strategy = Strategy(members=(), params={})
+        position = {unit.members[0]: 0}
+        for name in unit.members[1:]:
+            source_name, index = unit.sources[name]
+            source_sharding = members[position[source_name]]
+            current = source_sharding.outputs[index]
+            sharding = follower_sharding(ctx.fx_nodes[name], ctx.fx_nodes[source_name], current, ctx.mesh.shape,
+                                         index)
+            position[name] = len(members)
+            members.append(sharding)
+            needs = sharding.inputs[[a.name for a in tensor_args(ctx.fx_nodes[name])].index(source_name)]
+            _forced(ctx, strategy, name, source_name, current, needs, sharding)
+        strategy.members = tuple(members)
+        _price_members(ctx, unit, strategy)
+        out.extend(_with_params(ctx, unit, strategy))
+    return out
+
+
+def _forced(ctx: Context, strategy: Strategy, name: str, source: str, current: Placements, needs: Placements,
+            sharding: NodeSharding) -> None:
+    """A follower that cannot keep its input's placement gathers (or reduces) it first."""
+    if current == needs:
+        return
+    nbytes = ctx.nbytes(source)
+    strategy.comm += ctx.resharder.time(current, needs, nbytes)
+    if ctx.captured.nodes[source].requires_grad:
+        arg = [a.name for a in tensor_args(ctx.fx_nodes[name])].index(source)
+        strategy.comm += ctx.resharder.time(grads_of(sharding)[arg], normalized(current), nbytes)
+
+
+def _price_members(ctx: Context, unit: Unit, strategy: Strategy) -> None:
+    shape = ctx.mesh.shape
+    for name, sharding in zip(unit.members, strategy.members):
+        info = ctx.captured.nodes[name]
+        dtype = DTYPE_NAMES.get(info.output.dtype, "fp32") if info.output is not None else "fp32"
+        if dtype not in ("fp32", "bf16", "fp16"):
+            dtype = "fp32"
+        strategy.compute += local_time(info, sharding, shape, ctx.device, dtype)
+        out_parts = shard_count(sharding.outputs[0], shape) if sharding.outputs else 1
+        strategy.activations += info.saved_bytes / out_parts
+        for axis, kind in enumerate(sharding.kinds):
+            if kind in _INTERNAL:
+                _internal(ctx, strategy, name, sharding, axis, kind)
+    for output in ctx.fx_nodes["output"].all_input_nodes if "output" in ctx.fx_nodes else []:
+        if output.name in unit.members and ctx.captured.nodes[output.name].output is not None:
+            placed = strategy.members[unit.members.index(output.name)].outputs[0]
+            strategy.comm += ctx.resharder.time(placed, tuple(R for _ in shape), ctx.nbytes(output.name))
+
+
+def _internal(ctx: Context, strategy: Strategy, name: str, sharding: NodeSharding, axis: int, kind: str) -> None:
+    """Collectives an op runs inside itself along `axis` (see `passes.rules.Rule.kind`)."""
+    args = tensor_args(ctx.fx_nodes[name])
+    group = ctx.mesh.group(axis)
+    local = [a.meta["val"].numel() / shard_count(p, ctx.mesh.shape) for a, p in zip(args, sharding.inputs)]
+    if kind == "vocab_cross_entropy":  # max, sum of exponentials, target logit: one fp32 per row
+        steps = [("forward", 4 * local[1])] * 3
+    elif kind == "sync_batch_norm":  # per-channel sum and sum of squares, then their gradients
+        channels = args[0].meta["val"].shape[1] / shard_count(sharding.inputs[0], ctx.mesh.shape, 1)
+        steps = [("forward", 4 * (2 * channels + 1)), ("backward", 4 * 2 * channels)]
+    else:  # batch_mean_loss: the global count of the mean
+        steps = [("forward", 8.0)]
+    from autopar.passes.reshard import Collective
+
+    comm = ctx.resharder.comm
+    for phase, nbytes in steps:
+        c = Collective("all_reduce", axis, len(group), nbytes, comm.time("all_reduce", nbytes, group))
+        strategy.comm += c.time
+        strategy.collectives.append((name, phase, c))
+
+
+def _with_params(ctx: Context, unit: Unit, base: Strategy) -> list[Strategy]:
+    """The strategy once per storage level of the parameters this unit owns (one level for all)."""
+    owned = []
+    for m, name in enumerate(unit.members):
+        for j, arg in enumerate(tensor_args(ctx.fx_nodes[name])):
+            if arg.name in ctx.roles.params and ctx.owner[arg.name][0] == unit.index:
+                owned.append((m, j, arg))
+    if not owned:
+        return [base]
+    choices = {}
+    for m, j, arg in owned:
+        sharding = base.members[m]
+        shape = tuple(arg.meta["val"].shape)
+        choices[(m, j)] = param_options(sharding.inputs[j], split_axes(sharding), shape, ctx.mesh.shape,
+                                        ctx.options.levels)
+    levels = sorted({o.level for opts in choices.values() for o in opts})
+    out = []
+    for level in levels:
+        strategy = Strategy(members=base.members, params={}, compute=base.compute, comm=base.comm,
+                            optimizer=base.optimizer, activations=base.activations, state=base.state,
+                            collectives=list(base.collectives))
+        for (m, j, arg) in owned:
+            opts = choices[(m, j)]
+            pick = next((o for o in opts if o.level == level), max(opts, key=lambda o: o.level))
+            strategy.params[(m, j)] = pick
+            _price_param(ctx, strategy, unit.members[m], arg, pick, split_axes(base.members[m]))
+        out.append(strategy)
+    return out
+
+
+def _price_param(ctx: Context, strategy: Strategy, name: str, arg, held: ParamSharding,
+                 split: tuple[bool, ...]) -> None:
+    info = ctx.captured.params[ctx.roles.params[arg.name]]
+    numel = info.meta.numel
+    w_bytes, g_bytes, state_bytes = ctx.param_bytes()
+    shape = ctx.mesh.shape
+    update = numel / shard_count(held.grad if held.level else held.use, shape)
+    strategy.state += numel * w_bytes / shard_count(held.storage, shape)
+    if not info.requires_grad:
+        return
+    strategy.state += numel * g_bytes / shard_count(held.grad if held.level >= 2 else held.use, shape)
+    strategy.state += update * state_bytes
+    phases = [("backward", partial_on(held.use, split), held.grad, numel * g_bytes)]
+    if held.level in (1, 2):
+        phases.append(("step", held.grad, held.use, numel * w_bytes))
+    if held.level == 3:  # gathered for forward, freed, gathered again for backward
+        phases += [("forward", held.storage, held.use, numel * w_bytes),
+                   ("backward", held.storage, held.use, numel * w_bytes)]
+    for phase, src, dst, nbytes in phases:
+        for c in ctx.resharder.collectives(src, dst, nbytes):
+            strategy.comm += c.time
+            strategy.collectives.append((name, phase, c))
+    touched = 2 * (w_bytes + state_bytes) + g_bytes  # read and write weights and state, read gradients
+    device = ctx.device
+    strategy.optimizer += update * touched / (device.memory_bandwidth * device.bandwidth_efficiency)
+

@@ -1,0 +1,202 @@
+"""Strategies of a unit on a mesh: every valid placement of its leader, carried through its
+followers, with the parameters' storage level, and what each costs.
+
+Takes a `Unit` and the problem's `Context`; gives its `Strategy`s. A strategy's costs, per step
+and per device:
+- compute: each member's forward and backward on its local shard (roofline, `autopar.cost`);
+- comm: collectives inside the unit: a follower's forced gather, an op's own (vocabulary-parallel
+  cross-entropy's three all-reduces, synchronized batch norm's statistics), the gradient
+  synchronization of its parameters and the loss's final reduction;
+- optimizer: the parameter update, memory-bound, on the elements this device updates;
+- memory: activations saved for backward (local) plus the parameters' training state.
+
+Parameters (seed 004; Rajbhandari et al. 2020), with d the data-parallel degree of a parameter (the
+axes where the op splits the work but keeps the parameter whole, so its gradient is partial):
+level 0 (DDP) all-reduces gradients; 1 and 2 (ZeRO-1/2) reduce-scatter them, update a 1/d shard
+and all-gather the result (2 of 1 keeps only that shard of the gradient); 3 (FSDP) keeps a 1/d
+shard of everything and all-gathers the weights before forward and again before backward: about
+3× the traffic of level 0's 2×.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch.distributed.tensor import Partial, Replicate, Shard
+
+from autopar.cost.compute import roofline_time
+from autopar.vocab import Placements, grad_placement, normalize_grad, shard_count
+from autopar.passes.follow import broadcast_to, follow
+from autopar.passes.reshard import Collective
+from autopar.passes.rules import rules, tensor_args
+
+LEVELS = (0, 1, 2, 3)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSharding:
+    inputs: tuple[Placements, ...]
+    """Per tensor argument (flattened order): the placement the op consumes it in."""
+    outputs: tuple[Placements, ...]
+    kinds: tuple[str, ...] = ()
+    """Per axis, how the runtime runs the op there (`passes.rules.Rule.kind`); leaders only."""
+
+
+@dataclass(frozen=True, slots=True)
+class ParamSharding:
+    use: Placements
+    """As the op consumes it."""
+    storage: Placements
+    """As it is kept between steps (level 3: sharded on the data-parallel axes)."""
+    grad: Placements
+    """Where its gradient is reduced to and the optimizer updates (levels 1-3: sharded)."""
+    level: int
+    top: int = 0
+    """The highest level this use allows (0 when no data-parallel axis, or no dim divides)."""
+
+
+@dataclass(slots=True)
+class Strategy:
+    members: tuple[NodeSharding, ...]
+    params: dict[tuple[int, int], ParamSharding]
+    """(member position, tensor-argument position) → how the parameter there is held."""
+    compute: float = 0.0
+    comm: float = 0.0
+    optimizer: float = 0.0
+    activations: float = 0.0
+    """Bytes saved for backward, per device."""
+    state: float = 0.0
+    """Bytes of parameter state (weights, gradients, optimizer), per device."""
+    collectives: list[tuple[str, str, Collective]] = field(default_factory=list)
+    """(node, "forward" | "backward" | "step", collective) run inside the unit other than
+    placement changes of tensors (those are read off the plan): an op's own all-reduces and its
+    parameters' synchronization."""
+
+    @property
+    def memory(self) -> float:
+        return self.activations + self.state
+
+    @property
+    def time(self) -> float:
+        return self.compute + self.comm + self.optimizer
+
+
+def fits(placements: Placements, shape: tuple[int, ...], mesh_shape: tuple[int, ...], floating: bool) -> bool:
+    """Every sharded dim divides evenly, and only floating tensors are partial."""
+    for p in placements:
+        if isinstance(p, Shard) and p.dim >= len(shape):
+            return False
+        if isinstance(p, Partial) and not floating:
+            return False
+    return all(shape[d] % shard_count(placements, mesh_shape, d) == 0
+               for d in range(len(shape)) if shard_count(placements, mesh_shape, d) > 1)
+
+
+def _val(node: fx.Node, index: int = 0) -> torch.Tensor:
+    val = node.meta["val"]
+    return val[index] if isinstance(val, (list, tuple)) else val
+
+
+def _tensor_ok(t: torch.Tensor, p: Placements, mesh_shape) -> bool:
+    return fits(p, tuple(t.shape), mesh_shape, t.dtype.is_floating_point)
+
+
+def all_placements(t: torch.Tensor, mesh_shape: tuple[int, ...], partial: bool) -> list[Placements]:
+    options = [Replicate()] + [Shard(d) for d in range(t.dim()) if t.shape[d] > 1]
+    if partial and t.dtype.is_floating_point:
+        options.append(Partial("sum"))
+    return [p for p in itertools.product(options, repeat=len(mesh_shape)) if _tensor_ok(t, p, mesh_shape)]
+
+
+def leader_options(node: fx.Node, mesh_shape: tuple[int, ...]) -> list[NodeSharding]:
+    """Products of the op's one-axis rules whose tensors all divide evenly."""
+    args = tensor_args(node)
+    vals = node.meta["val"]
+    outs = [v for v in (vals if isinstance(vals, (list, tuple)) else [vals]) if isinstance(v, torch.Tensor)]
+    seen, found = set(), []
+    for combo in itertools.product(rules(node), repeat=len(mesh_shape)):
+        ins = tuple(tuple(r.ins[i] for r in combo) for i in range(len(args)))
+        outputs = tuple(tuple(r.outs[k] for r in combo) for k in range(len(outs)))
+        key = (ins, outputs, tuple(r.kind for r in combo))
+        if key in seen:
+            continue
+        seen.add(key)
+        if all(_tensor_ok(a.meta["val"], p, mesh_shape) for a, p in zip(args, ins)) and all(
+                _tensor_ok(o, p, mesh_shape) for o, p in zip(outs, outputs)):
+            found.append(NodeSharding(inputs=ins, outputs=outputs, kinds=key[2]))
+    return found
+
+
+def split_axes(sharding: NodeSharding) -> tuple[bool, ...]:
+    """Per axis: whether the op's work is divided there (some tensor is not replicated)."""
+    placements = sharding.inputs + sharding.outputs
+    n = len(placements[0]) if placements else 0
+    return tuple(any(not isinstance(p[a], Replicate) for p in placements) for a in range(n))
+
+
+def follower_sharding(node: fx.Node, source: fx.Node, current: Placements, mesh_shape,
+                      source_output: int) -> NodeSharding:
+    followed = follow(node, source, current, mesh_shape, source_output=source_output)
+    out_shape = tuple(_val(node).shape) if isinstance(_val(node), torch.Tensor) else ()
+    inputs = []
+    for a in tensor_args(node):
+        if a is source:
+            inputs.append(followed.needs)
+        else:  # a constant, buffer or parameter operand, broadcast against the output
+            inputs.append(broadcast_to(followed.outputs[0], out_shape, tuple(a.meta["val"].shape)))
+    return NodeSharding(inputs=tuple(inputs), outputs=followed.outputs)
+
+
+def grads_of(sharding: NodeSharding) -> tuple[Placements, ...]:
+    """The placement of each input's gradient as this op's backward produces it."""
+    split = split_axes(sharding)
+    return tuple(tuple(grad_placement(p, s) for p, s in zip(pl, split)) for pl in sharding.inputs)
+
+
+def normalized(placements: Placements) -> Placements:
+    return tuple(normalize_grad(p) for p in placements)
+
+
+def local_time(node_info, sharding: NodeSharding, mesh_shape, device, dtype: str) -> float:
+    """Forward + backward of one node on its shard: the work divided where the op splits it."""
+    if node_info.flops == 0 and node_info.bytes_moved == 0:
+        return 0.0
+    parts = 1
+    for axis, s in enumerate(split_axes(sharding)):
+        parts *= mesh_shape[axis] if s else 1
+    forward = roofline_time(node_info.flops / parts, node_info.bytes_moved / parts, device, dtype)
+    if not node_info.requires_grad:
+        return forward
+    backward = roofline_time(node_info.backward_flops / parts, 2 * node_info.bytes_moved / parts, device, dtype)
+    return forward + backward
+
+
+def param_options(use: Placements, split: tuple[bool, ...], shape: tuple[int, ...],
+                  mesh_shape: tuple[int, ...], levels) -> list[ParamSharding]:
+    """How a parameter consumed in `use` can be held, one option per storage level."""
+    dp = [a for a, (p, s) in enumerate(zip(use, split)) if s and isinstance(p, Replicate)]
+    plain = ParamSharding(use=use, storage=use, grad=use, level=0)
+    if not dp:
+        return [plain]
+    degree = 1
+    for a in dp:
+        degree *= mesh_shape[a]
+    dim = next((d for d in range(len(shape))
+                if shape[d] % (shard_count(use, mesh_shape, d) * degree) == 0), None)
+    if dim is None:
+        return [plain]
+    sharded = tuple(Shard(dim) if a in dp else p for a, p in enumerate(use))
+    options = [ParamSharding(use=use, storage=use, grad=use, level=0, top=3)] if 0 in levels else []
+    for level in (1, 2, 3):
+        if level in levels:
+            options.append(ParamSharding(use=use, storage=sharded if level == 3 else use, grad=sharded,
+                                         level=level, top=3))
+    return options or [plain]
+
+
+def partial_on(placements: Placements, axes_split: tuple[bool, ...]) -> Placements:
+    """The gradient of a parameter used replicated where the op is split: partial there."""
+    return tuple(Partial("sum") if s and isinstance(p, Replicate) else p for p, s in zip(placements, axes_split))

@@ -1,0 +1,142 @@
+"""Units: the decision variables of the sharding problem, and which of them identical layers share.
+
+Takes a `CapturedGraph`; gives its nodes' roles and its units. Every activation node (one that
+depends on the user's inputs) belongs to exactly one unit: a *leader* (an op with a choice, or a
+user input) and the *followers* whose placement is a function of the leader's: views and
+element-wise ops with one activation input (`passes.follow`). Parameters, buffers and constants
+(`arange`, slices of a RoPE table) are not units: parameters are chosen with the unit that
+consumes them, the others are replicated and cut locally for free.
+
+A follower whose input comes from another layer starts a unit of its own, so that no unit spans
+two layers; then the k-th unit of every layer with the same signature corresponds to the k-th
+unit of the first such layer, member by member, and they share one set of variables.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch.export.graph_signature import InputKind
+
+from autopar.graph import CapturedGraph
+from autopar.passes.follow import FOLLOWERS
+from autopar.passes.rules import has_rule, tensor_args
+
+aten = torch.ops.aten
+_IGNORED = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
+
+
+@dataclass(slots=True)
+class Unit:
+    index: int
+    kind: str
+    """"input" (a user input), "leader" (an op with rules), "boundary" (a follower starting a
+    unit because its input is in another layer) or "fallback" (an op with no rule)."""
+    members: list[str]
+    """Node names, the leader first, then followers in graph order."""
+    layer: int | None
+    canonical: int = -1
+    """The unit whose variables this one uses (itself unless an identical layer came first)."""
+    sources: dict[str, tuple[str, int]] = field(default_factory=dict)
+    """For each follower: the member it follows and which output of it."""
+
+
+@dataclass(slots=True)
+class Roles:
+    params: dict[str, str]
+    """Placeholder → parameter name."""
+    state: set[str]
+    """Buffers and constant tensors (placeholders), and call_function nodes computed from them."""
+    activations: set[str]
+    inputs: list[str]
+    """User-input placeholders."""
+    ignored: set[str]
+
+
+def roles(captured: CapturedGraph) -> Roles:
+    program = captured.program
+    params = {p.placeholder: p.name for p in captured.params.values()}
+    state, inputs, activations, ignored = set(), [], set(), set()
+    for spec in program.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            inputs.append(spec.arg.name)
+        elif spec.kind != InputKind.PARAMETER:
+            state.add(spec.arg.name)
+    activations.update(inputs)
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _IGNORED or node.meta.get("val") is None:
+            ignored.add(node.name)
+        elif any(a.name in activations for a in node.all_input_nodes):
+            activations.add(node.name)
+        else:
+            state.add(node.name)
+    return Roles(params=params, state=state, activations=activations, inputs=inputs, ignored=ignored)
+
+
+def activation_args(node: fx.Node, roles_: Roles) -> list[fx.Node]:
+    return [a for a in tensor_args(node) if a.name in roles_.activations]
+
+
+def build_units(captured: CapturedGraph, roles_: Roles) -> tuple[list[Unit], dict[str, int]]:
+    """The units in graph order, and each activation node's unit index."""
+    units: list[Unit] = []
+    unit_of: dict[str, int] = {}
+    layer = {name: info.layer for name, info in captured.nodes.items()}
+
+    def start(name: str, kind: str) -> None:
+        unit_of[name] = len(units)
+        units.append(Unit(index=len(units), kind=kind, members=[name], layer=layer.get(name)))
+
+    for node in captured.program.graph.nodes:
+        if node.name not in roles_.activations or node.name in roles_.ignored:
+            continue
+        if node.op == "placeholder":
+            start(node.name, "input")
+            continue
+        acts = activation_args(node, roles_)
+        if node.target in FOLLOWERS and len(acts) == 1:
+            source = acts[0]
+            home = units[unit_of[source.name]]
+            index = node.args[1] if node.target is operator.getitem else 0
+            if home.layer == layer.get(node.name) or home.kind == "input":
+                home.members.append(node.name)
+                home.sources[node.name] = (source.name, index)
+                unit_of[node.name] = home.index
+            else:
+                start(node.name, "boundary")
+                units[-1].sources[node.name] = (source.name, index)
+            continue
+        start(node.name, "leader" if has_rule(node.target) else "fallback")
+    _share_layers(captured, units)
+    return units, unit_of
+
+
+def _share_layers(captured: CapturedGraph, units: list[Unit]) -> None:
+    nodes = captured.nodes
+    by_layer: dict[int, list[Unit]] = {}
+    for unit in units:
+        unit.canonical = unit.index
+        if unit.layer is not None:
+            by_layer.setdefault(unit.layer, []).append(unit)
+    first_of: dict[str, int] = {}
+    for layer in captured.layers:
+        first = first_of.setdefault(layer.signature, layer.index)
+        if first == layer.index:
+            continue
+        mine, theirs = by_layer.get(layer.index, []), by_layer.get(first, [])
+        if len(mine) != len(theirs):
+            continue
+        if all(_same_shape(nodes, u, c) for u, c in zip(mine, theirs)):
+            for u, c in zip(mine, theirs):
+                u.canonical = c.index
+
+
+def _same_shape(nodes, unit: Unit, other: Unit) -> bool:
+    return unit.kind == other.kind and len(unit.members) == len(other.members) and all(
+        nodes[a].op == nodes[b].op and nodes[a].outputs == nodes[b].outputs
+        for a, b in zip(unit.members, other.members))

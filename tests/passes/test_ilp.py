@@ -1,0 +1,130 @@
+"""The sharding ILP: it finds the brute-force optimum, respects memory, reports what it could not do."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import autopar
+from autopar import Cluster, InfeasibleError
+from autopar.passes.ilp import evaluate, minimum_memory, solve
+from autopar.passes.sharding import ShardingOptions, build_problem
+from autopar.vocab import LogicalMesh
+
+
+class TwoLayers(nn.Module):
+    def __init__(self, d=8, h=16):
+        super().__init__()
+        self.w1, self.w2 = nn.Linear(d, h, bias=False), nn.Linear(h, d, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.relu(self.w1(x)))
+
+
+def problem_for(model, x, y, mesh_shape, cluster, **options):
+    captured = autopar.capture(model, (x,), loss_fn=F.mse_loss, target=y)
+    return build_problem(captured, LogicalMesh.build(cluster, mesh_shape), cluster, ShardingOptions(**options))
+
+
+def brute_force(problem):
+    units = sorted(problem.strategies)
+    sizes = [len(problem.strategies[u]) for u in units]
+    assert math.prod(sizes) < 400_000, sizes
+    best = math.inf
+    for combo in itertools.product(*(range(n) for n in sizes)):
+        choice = dict(zip(units, combo))
+        t, memory = evaluate(problem, choice)
+        if memory <= problem.budget:
+            best = min(best, t)
+    return best
+
+
+@pytest.mark.parametrize("preset, mesh, batch, budget", [
+    ("h100", (2,), 64, None),
+    ("h100", (4,), 4, None),
+    ("v100", (2,), 512, 2e5),     # memory binds: the replicated plan does not fit
+])
+def test_ilp_matches_brute_force(preset, mesh, batch, budget):
+    torch.manual_seed(0)
+    cluster = Cluster.preset(preset, gpus_per_node=4)
+    x, y = torch.randn(batch, 8), torch.randn(batch, 8)
+    problem = problem_for(TwoLayers(), x, y, mesh, cluster, memory_budget=budget)
+    solution = solve(problem)
+    assert solution.status == "optimal"
+    assert solution.step_time == pytest.approx(brute_force(problem), rel=1e-9)
+    assert solution.memory <= problem.budget
+
+
+@pytest.mark.parametrize("preset, batch", [("cpu", 16), ("h100", 4096)])
+def test_ilp_matches_brute_force_on_a_2d_mesh(preset, batch):
+    cluster = Cluster.preset(preset, gpus_per_node=4)
+    x, y = torch.randn(batch, 8), torch.randn(batch, 16)
+    problem = problem_for(nn.Linear(8, 16), x, y, (2, 2), cluster)
+    solution = solve(problem)
+    assert solution.status == "optimal"
+    assert solution.step_time == pytest.approx(brute_force(problem), rel=1e-9)
+    assert solution.memory <= problem.budget
+
+
+def test_infeasible_states_the_numbers():
+    cluster = Cluster.preset("h100", gpus_per_node=2)
+    problem = problem_for(TwoLayers(d=64, h=256), torch.randn(8, 64), torch.randn(8, 64), (2,), cluster,
+                          memory_budget=1000.0)
+    with pytest.raises(InfeasibleError) as info:
+        solve(problem)
+    e = info.value
+    assert e.required_bytes == pytest.approx(minimum_memory(problem)) and e.available_bytes == 1000.0
+    assert "needs at least" in str(e) and "1 kB" in str(e)
+
+
+def test_time_limit_returns_the_incumbent():
+    entry = autopar.models.get("gpt-tiny")
+    inputs, target = entry.example_batch(8, device="meta")
+    captured = autopar.capture(entry.build(device="meta"), inputs, loss_fn=entry.loss_fn, target=target)
+    cluster = Cluster.preset("h100", gpus_per_node=4)
+    problem = build_problem(captured, LogicalMesh.build(cluster, (2, 2)), cluster)
+    start = {u: 0 for u in problem.strategies}  # everything replicated: a valid plan to start from
+    for limit in (1e-6, 1e-2):  # stopped before reading the start, and after
+        solution = solve(problem, time_limit=limit, warm_start=start)
+        assert solution.status == "time limit" and solution.step_time <= evaluate(problem, start)[0]
+
+
+def random_problem(rng, units=5, strategies=4, budget_fraction=0.6):
+    """A synthetic problem: random times and memories, dense non-separable edge tables."""
+    from types import SimpleNamespace
+
+    from autopar.passes.sharding import EdgeTable, ShardingProblem
+    from autopar.passes.strategies import Strategy
+
+    table = {u: [Strategy(members=(), params={}, compute=rng.uniform(0, 1e-3), activations=rng.uniform(0, 1e9))
+                 for _ in range(strategies)] for u in range(units)}
+    edges = []
+    for src in range(units):
+        for dst in range(src + 1, units):
+            if rng.random() < 0.6:
+                rows = [rng.randrange(3) for _ in range(strategies)]
+                cols = [rng.randrange(3) for _ in range(strategies)]
+                cost = [[rng.uniform(0, 2e-3) for _ in range(3)] for _ in range(3)]
+                edges.append(EdgeTable(src=src, dst=dst, count=rng.randint(1, 3), rows=rows, cols=cols, cost=cost))
+    counts = {u: rng.randint(1, 4) for u in table}
+    most = sum(counts[u] * max(s.memory for s in table[u]) for u in table)
+    least = sum(counts[u] * min(s.memory for s in table[u]) for u in table)
+    fake_units = [SimpleNamespace(members=[f"n{u}"]) for u in range(units)]
+    mesh = SimpleNamespace(shape=(2,))
+    cluster = SimpleNamespace(device=SimpleNamespace(memory=most, name="fake"))
+    return ShardingProblem(captured=None, mesh=mesh, cluster=cluster, options=ShardingOptions(), units=fake_units,
+                           strategies=table, counts=counts, edges=edges,
+                           budget=least + budget_fraction * (most - least), fixed_memory=0.0, context=None)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_problems_match_brute_force(seed):
+    import random
+
+    problem = random_problem(random.Random(seed))
+    solution = solve(problem)
+    assert solution.step_time == pytest.approx(brute_force(problem), rel=1e-9)
+    assert solution.objective == pytest.approx(solution.step_time, rel=1e-6)
