@@ -226,6 +226,7 @@ def _node_infos(program, costs, param_of: dict[str, str], has_loss: bool) -> dic
             params=tuple(param_of[i] for i in inputs if i in param_of),
             flops=cost.flops if cost else 0, backward_flops=cost.backward_flops if cost else 0,
             bytes_moved=cost.bytes_moved if cost else 0, saved_bytes=cost.saved_bytes if cost else 0,
+            internal_saved=cost.internal_saved if cost else 0,
             alias_of=cost.alias_of if cost else None, requires_grad=cost.requires_grad if cost else False,
             source=_source_of(node))
     return infos

@@ -57,6 +57,8 @@ class NodeInfo:
     saved_bytes: int = 0
     """Bytes this node adds to what autograd keeps for backward (its outputs saved by anyone, plus
     tensors its own backward keeps, such as layer_norm's mean and rstd)."""
+    internal_saved: int = 0
+    """The part of `saved_bytes` that is not the node's output (mean and rstd, a loss's log-softmax)."""
     alias_of: str | None = None
     """For views: the node whose storage this node's output shares."""
     requires_grad: bool = False

@@ -59,6 +59,7 @@ class NodeCost:
     backward_flops: int = 0
     bytes_moved: int = 0
     saved_bytes: int = 0
+    internal_saved: int = 0
     alias_of: str | None = None
     requires_grad: bool = False
 
@@ -231,6 +232,7 @@ def analyze(graph: fx.Graph, grad_inputs: set[str], param_inputs: set[str]) -> d
             backward_flops=cost.backward_flops if cost else 0,
             bytes_moved=cost.bytes_moved if cost else 0,
             saved_bytes=saved_by_node.get(node.name, 0) + internal.get(node.name, 0),
+            internal_saved=internal.get(node.name, 0),
             alias_of=alias[0] if alias and alias[0] != node.name else None,
             requires_grad=requires_grad.get((node.name, 0), False),
         )

@@ -26,7 +26,7 @@ from torch.distributed.tensor import Replicate, Shard
 from autopar.cluster import Cluster
 from autopar.passes.rules import tensor_args
 from autopar.passes.sharding import ShardingProblem
-from autopar.passes.strategies import Strategy
+from autopar.passes.strategies import Strategy, split_axes
 
 BASELINES = ("dp", "zero1", "zero2", "fsdp", "tp", "dp+tp", "sp")
 _LEVEL = {"dp": 0, "zero1": 1, "zero2": 2, "fsdp": 3, "tp": 0, "dp+tp": 0, "sp": 0}
@@ -73,9 +73,10 @@ def predicate(name: str, problem: ShardingProblem) -> Callable[[int, Strategy], 
                        for p, role in zip(s.members[0].outputs[0], axes))
         for m, j, rank in uses.get(u, []):
             placed = s.members[m].inputs[j]
-            for p, role in zip(placed, axes):
-                if role == "dp" and not isinstance(p, Replicate):
-                    return False
+            split = split_axes(s.members[m])
+            for a, (p, role) in enumerate(zip(placed, axes)):
+                if role == "dp" and (not isinstance(p, Replicate) or (unit.kind == "leader" and not split[a])):
+                    return False  # data parallel: weights whole, the work they do split
                 if role == "tp" and rank >= 2 and not isinstance(p, Shard):
                     return False
         if any(held.level != min(level, held.top) for held in s.params.values()):

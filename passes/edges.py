@@ -51,7 +51,20 @@ def build_edges(ctx: Context, units: list[Unit], unit_of: dict[str, int],
         names = occurrences[0]
         rows, row_keys = _classes([_row_key(s, tensors) for s in strategies[src]])
         cols, col_keys = _classes([_col_key(s, tensors) for s in strategies[dst]])
-        cost = [[_price(ctx, tensors, names, rk, ck) for ck in col_keys] for rk in row_keys]
+        # Each tensor's part depends only on its own placements: price those pairs once.
+        parts = [{} for _ in tensors]
+        cost = []
+        for rk in row_keys:
+            row = []
+            for ck in col_keys:
+                total = 0.0
+                for k, (t, name, produced, needed) in enumerate(zip(tensors, names, rk, ck)):
+                    found = parts[k].get((produced, needed))
+                    if found is None:
+                        found = parts[k][(produced, needed)] = _price(ctx, t, name, produced, needed)
+                    total += found
+                row.append(total)
+            cost.append(row)
         edges.append(EdgeTable(src=src, dst=dst, count=len(occurrences), rows=rows, cols=cols, cost=cost))
     return edges
 
@@ -82,20 +95,19 @@ def _col_key(strategy: Strategy, tensors: tuple) -> tuple:
     return tuple(key)
 
 
-def _price(ctx: Context, tensors: tuple, names: list[str], row: tuple, col: tuple) -> float:
-    total = 0.0
+def _price(ctx: Context, t: tuple, name: str, produced, needed_and_grad) -> float:
+    """One tensor's forward reshard and its gradient's backward reshard."""
+    needed, grad = needed_and_grad
+    if t[0] == "act":
+        nbytes = ctx.nbytes(name)
+        total = ctx.resharder.time(produced, needed, nbytes)
+        if ctx.captured.nodes[name].requires_grad:
+            total += ctx.resharder.time(grad, normalized(produced), nbytes)
+        return total
     w_bytes, g_bytes, _ = ctx.param_bytes()
-    for t, name, produced, (needed, grad) in zip(tensors, names, row, col):
-        if t[0] == "act":
-            nbytes = ctx.nbytes(name)
-            total += ctx.resharder.time(produced, needed, nbytes)
-            if ctx.captured.nodes[name].requires_grad:
-                total += ctx.resharder.time(grad, normalized(produced), nbytes)
-        else:
-            storage, grad_target = produced
-            param = ctx.captured.params[ctx.roles.params[name]]
-            numel = param.meta.numel
-            total += ctx.resharder.time(storage, needed, numel * w_bytes)
-            if param.requires_grad:
-                total += ctx.resharder.time(grad, grad_target, numel * g_bytes)
+    storage, grad_target = produced
+    param = ctx.captured.params[ctx.roles.params[name]]
+    total = ctx.resharder.time(storage, needed, param.meta.numel * w_bytes)
+    if param.requires_grad:
+        total += ctx.resharder.time(grad, grad_target, param.meta.numel * g_bytes)
     return total

@@ -63,6 +63,10 @@ _DIM_MAPS = {aten.transpose.int, aten.permute.default, aten.t.default, aten.unsq
              aten.unbind.int, aten.chunk.default, aten.narrow.default}
 FOLLOWERS = (_IDENTITY_LINEAR | _IDENTITY_NONLINEAR | _BINARY_SCALING | _BINARY_OTHER | _RESHAPES | _DIM_MAPS
              | {operator.getitem})
+_JOINS = {aten.cat.default, aten.stack.default}
+MULTI_FOLLOWERS = _BINARY_SCALING | _BINARY_OTHER | _JOINS
+"""Ops with several activation inputs that follow when all of them come from one unit (RoPE's
+rotated halves, a router's masks): the first input leads, the others are brought to match."""
 _LINEAR = _IDENTITY_LINEAR | _BINARY_SCALING | _RESHAPES | _DIM_MAPS | {operator.getitem}
 
 
@@ -105,6 +109,11 @@ def _dim_map(node: fx.Node, source: fx.Node) -> dict[int, int | None]:
         gone = {d for d in listed if _shape(source)[d] == 1}
         kept = [d for d in range(rank) if d not in gone]
         return {d: (kept.index(d) if d in kept else None) for d in range(rank)}
+    if target in _JOINS:
+        at = _norm(args[1] if len(args) > 1 else 0, out_rank)
+        if target is aten.stack.default:
+            return {d: d + (d >= at) for d in range(rank)}
+        return {d: (None if d == at else d) for d in range(rank)}
     if target is aten.expand.default:
         return {d: d + out_rank - rank for d in range(rank)}
     if target in (aten.select.int, aten.unbind.int):
@@ -156,16 +165,17 @@ def _outputs(node: fx.Node) -> list[tuple[int, ...]]:
 
 
 def follow(node: fx.Node, source: fx.Node, placements: Placements, mesh_shape: Sequence[int],
-           source_output: int = 0) -> Followed:
-    """The follower `node`'s placements when its activation input `source` is in `placements`."""
+           source_output: int = 0, *, several: bool = False) -> Followed:
+    """The follower `node`'s placements when its activation input `source` is in `placements`.
+    `several`: the op has other activation inputs (then partial sums are reduced first)."""
     if node.target is operator.getitem:
         return Followed(needs=placements, outputs=(placements,))
-    linear = node.target in _LINEAR or (node.target in _BINARY_SCALING and node.args[0] is source)
+    linear = not several and (node.target in _LINEAR or (node.target in _BINARY_SCALING and node.args[0] is source))
     in_shape = _shape(source) if source_output == 0 else tuple(_vals(source)[source_output].shape)
     outs = _outputs(node)
     if node.target in _RESHAPES:
         mapping = _reshape_map(in_shape, outs[0])
-    elif node.target in _DIM_MAPS:
+    elif node.target in _DIM_MAPS or node.target in _JOINS:
         mapping = _dim_map(node, source)
     else:  # element-wise: same dims, aligned from the right if broadcast
         shift = len(outs[0]) - len(in_shape) if outs else 0

@@ -154,9 +154,10 @@ def solve(problem: ShardingProblem, *, time_limit: float = 60.0, warm_start: dic
         choice = {u: p[0] for u, p in picked.items()}
     elif warm_start and all(warm_start.get(u) in choices for u, choices in x.items()):
         choice, status, gap = {u: warm_start[u] for u in x}, "time limit", float("nan")  # stopped before any
-    else:
-        raise InfeasibleError(f"the solver found no plan within the {time_limit:g} s time limit; "
-                              f"required: a longer time_limit")
+    else:  # stopped before any plan: the least-memory one fits (checked above)
+        choice = {u: min(c, key=lambda s: (problem.strategies[u][s].memory, problem.strategies[u][s].time))
+                  for u, c in candidates.items()}
+        status, gap = "time limit", float("nan")
     step_time, mem = evaluate(problem, choice)
     return ShardingSolution(choice=choice, step_time=step_time, memory=mem, status=status, gap=gap,
                             seconds=time.perf_counter() - start, variables=lp.numVariables(),

@@ -59,6 +59,7 @@ class Resharder:
         self.comm = comm
         self._groups = [mesh.group(a) for a in range(mesh.ndim)]
         self._cache: dict[tuple, tuple[Collective, ...]] = {}
+        self._times: dict[tuple, float] = {}
 
     def collectives(self, src: Placements, dst: Placements, nbytes: float) -> tuple[Collective, ...]:
         key = (src, dst, nbytes)
@@ -82,4 +83,8 @@ class Resharder:
     def time(self, src: Placements, dst: Placements, nbytes: float) -> float:
         if src == dst:
             return 0.0
-        return sum(c.time for c in self.collectives(src, dst, nbytes))
+        key = (src, dst, nbytes)
+        found = self._times.get(key)
+        if found is None:
+            found = self._times[key] = sum(c.time for c in self.collectives(src, dst, nbytes))
+        return found

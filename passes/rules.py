@@ -53,9 +53,13 @@ class Rule:
 
 
 def tensor_args(node: fx.Node) -> list[fx.Node]:
-    """The node's tensor arguments in flattened (args, kwargs) order, repeats kept."""
-    leaves, _ = pytree.tree_flatten((node.args, node.kwargs))
-    return [x for x in leaves if isinstance(x, fx.Node) and _is_tensor(x.meta.get("val"))]
+    """The node's tensor arguments in flattened (args, kwargs) order, repeats kept (cached on the node)."""
+    cached = node.meta.get("autopar_tensor_args")
+    if cached is None:
+        leaves, _ = pytree.tree_flatten((node.args, node.kwargs))
+        cached = [x for x in leaves if isinstance(x, fx.Node) and _is_tensor(x.meta.get("val"))]
+        node.meta["autopar_tensor_args"] = cached
+    return cached
 
 
 def _is_tensor(val) -> bool:

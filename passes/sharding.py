@@ -26,7 +26,7 @@ from autopar.vocab import R, LogicalMesh, Placements, shard_count
 from autopar.passes.reshard import Resharder
 from autopar.passes.strategies import (LEVELS, NodeSharding, ParamSharding, Strategy, all_placements, follower_sharding,
                                grads_of, leader_options, local_time, normalized, param_options, partial_on,
-                               split_axes)
+                               saved_memory, split_axes)
 from autopar.passes.rules import tensor_args
 from autopar.passes.units import Roles, Unit, build_units, roles
 
@@ -155,11 +155,12 @@ def _first_options(ctx: Context, unit: Unit) -> list[NodeSharding]:
     shape = ctx.mesh.shape
     if unit.kind == "input":
         return [NodeSharding(inputs=(), outputs=(p,)) for p in all_placements(node.meta["val"], shape, partial=False)]
-    if unit.kind == "boundary":
+    if unit.kind in ("boundary", "param_view"):
         source_name, index = unit.sources[unit.members[0]]
         source = ctx.fx_nodes[source_name]
         value = source.meta["val"][index] if isinstance(source.meta["val"], (list, tuple)) else source.meta["val"]
-        options = [follower_sharding(node, source, p, shape, index) for p in all_placements(value, shape, True)]
+        partial = unit.kind == "boundary"
+        options = [follower_sharding(node, source, p, shape, index) for p in all_placements(value, shape, partial)]
         return list(dict.fromkeys(options))
     return leader_options(node, shape)
 
@@ -172,29 +173,33 @@ def _strategies(ctx: Context, unit: Unit) -> list[Strategy]:
         position = {unit.members[0]: 0}
         for name in unit.members[1:]:
             source_name, index = unit.sources[name]
-            source_sharding = members[position[source_name]]
-            current = source_sharding.outputs[index]
+            current = members[position[source_name]].outputs[index]
             sharding = follower_sharding(ctx.fx_nodes[name], ctx.fx_nodes[source_name], current, ctx.mesh.shape,
-                                         index)
+                                         index, ctx.roles.activations)
             position[name] = len(members)
             members.append(sharding)
-            needs = sharding.inputs[[a.name for a in tensor_args(ctx.fx_nodes[name])].index(source_name)]
-            _forced(ctx, strategy, name, source_name, current, needs, sharding)
+            for j, arg in enumerate(tensor_args(ctx.fx_nodes[name])):
+                if arg.name in position and (arg.name != source_name or j == _first(ctx, name, source_name)):
+                    produced = current if arg.name == source_name else members[position[arg.name]].outputs[0]
+                    _forced(ctx, strategy, name, arg.name, j, produced, sharding.inputs[j], sharding)
         strategy.members = tuple(members)
         _price_members(ctx, unit, strategy)
         out.extend(_with_params(ctx, unit, strategy))
     return out
 
 
-def _forced(ctx: Context, strategy: Strategy, name: str, source: str, current: Placements, needs: Placements,
-            sharding: NodeSharding) -> None:
-    """A follower that cannot keep its input's placement gathers (or reduces) it first."""
+def _first(ctx: Context, name: str, source: str) -> int:
+    return [a.name for a in tensor_args(ctx.fx_nodes[name])].index(source)
+
+
+def _forced(ctx: Context, strategy: Strategy, name: str, source: str, arg: int, current: Placements,
+            needs: Placements, sharding: NodeSharding) -> None:
+    """A follower that cannot keep an input's placement gathers (or reduces) it first."""
     if current == needs:
         return
     nbytes = ctx.nbytes(source)
     strategy.comm += ctx.resharder.time(current, needs, nbytes)
     if ctx.captured.nodes[source].requires_grad:
-        arg = [a.name for a in tensor_args(ctx.fx_nodes[name])].index(source)
         strategy.comm += ctx.resharder.time(grads_of(sharding)[arg], normalized(current), nbytes)
 
 
@@ -206,8 +211,7 @@ def _price_members(ctx: Context, unit: Unit, strategy: Strategy) -> None:
         if dtype not in ("fp32", "bf16", "fp16"):
             dtype = "fp32"
         strategy.compute += local_time(info, sharding, shape, ctx.device, dtype)
-        out_parts = shard_count(sharding.outputs[0], shape) if sharding.outputs else 1
-        strategy.activations += info.saved_bytes / out_parts
+        strategy.activations += saved_memory(info, sharding, shape)
         for axis, kind in enumerate(sharding.kinds):
             if kind in _INTERNAL:
                 _internal(ctx, strategy, name, sharding, axis, kind)

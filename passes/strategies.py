@@ -138,14 +138,17 @@ def split_axes(sharding: NodeSharding) -> tuple[bool, ...]:
 
 
 def follower_sharding(node: fx.Node, source: fx.Node, current: Placements, mesh_shape,
-                      source_output: int) -> NodeSharding:
-    followed = follow(node, source, current, mesh_shape, source_output=source_output)
+                      source_output: int, activations=()) -> NodeSharding:
+    """`activations`: the node's activation inputs (several, for an op joining one unit's tensors)."""
+    several = len([a for a in tensor_args(node) if a.name in activations]) > 1
+    followed = follow(node, source, current, mesh_shape, source_output=source_output, several=several)
     out_shape = tuple(_val(node).shape) if isinstance(_val(node), torch.Tensor) else ()
+    joins = node.target in (torch.ops.aten.cat.default, torch.ops.aten.stack.default)
     inputs = []
     for a in tensor_args(node):
-        if a is source:
+        if a is source or (joins and a.name in activations):
             inputs.append(followed.needs)
-        else:  # a constant, buffer or parameter operand, broadcast against the output
+        else:  # another operand, broadcast against the output
             inputs.append(broadcast_to(followed.outputs[0], out_shape, tuple(a.meta["val"].shape)))
     return NodeSharding(inputs=tuple(inputs), outputs=followed.outputs)
 
@@ -160,17 +163,31 @@ def normalized(placements: Placements) -> Placements:
     return tuple(normalize_grad(p) for p in placements)
 
 
+def parts(sharding: NodeSharding, mesh_shape) -> int:
+    """Into how many pieces the op's work is divided."""
+    count = 1
+    for axis, s in enumerate(split_axes(sharding)):
+        count *= mesh_shape[axis] if s else 1
+    return count
+
+
+def saved_memory(node_info, sharding: NodeSharding, mesh_shape) -> float:
+    """Bytes kept for backward on one device: the output's share, and the op's own tensors divided
+    as its work is."""
+    out_parts = shard_count(sharding.outputs[0], mesh_shape) if sharding.outputs else 1
+    internal = node_info.internal_saved
+    return (node_info.saved_bytes - internal) / out_parts + internal / parts(sharding, mesh_shape)
+
+
 def local_time(node_info, sharding: NodeSharding, mesh_shape, device, dtype: str) -> float:
     """Forward + backward of one node on its shard: the work divided where the op splits it."""
     if node_info.flops == 0 and node_info.bytes_moved == 0:
         return 0.0
-    parts = 1
-    for axis, s in enumerate(split_axes(sharding)):
-        parts *= mesh_shape[axis] if s else 1
-    forward = roofline_time(node_info.flops / parts, node_info.bytes_moved / parts, device, dtype)
+    parts_ = parts(sharding, mesh_shape)
+    forward = roofline_time(node_info.flops / parts_, node_info.bytes_moved / parts_, device, dtype)
     if not node_info.requires_grad:
         return forward
-    backward = roofline_time(node_info.backward_flops / parts, 2 * node_info.bytes_moved / parts, device, dtype)
+    backward = roofline_time(node_info.backward_flops / parts_, 2 * node_info.bytes_moved / parts_, device, dtype)
     return forward + backward
 
 

@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch.export.graph_signature import InputKind
 
 from autopar.graph import CapturedGraph
-from autopar.passes.follow import FOLLOWERS
+from autopar.passes.follow import FOLLOWERS, MULTI_FOLLOWERS
 from autopar.passes.rules import has_rule, tensor_args
 
 aten = torch.ops.aten
@@ -34,7 +34,8 @@ class Unit:
     index: int
     kind: str
     """"input" (a user input), "leader" (an op with rules), "boundary" (a follower starting a
-    unit because its input is in another layer) or "fallback" (an op with no rule)."""
+    unit because its input is in another layer), "param_view" (a view or cast of a parameter,
+    placed as the parameter is) or "fallback" (an op with no rule)."""
     members: list[str]
     """Node names, the leader first, then followers in graph order."""
     layer: int | None
@@ -60,18 +61,22 @@ def roles(captured: CapturedGraph) -> Roles:
     program = captured.program
     params = {p.placeholder: p.name for p in captured.params.values()}
     state, inputs, activations, ignored = set(), [], set(), set()
+    trainable = {p.placeholder for p in captured.params.values() if p.requires_grad}
     for spec in program.graph_signature.input_specs:
         if spec.kind == InputKind.USER_INPUT:
             inputs.append(spec.arg.name)
         elif spec.kind != InputKind.PARAMETER:
             state.add(spec.arg.name)
     activations.update(inputs)
+    # An op that reads a trainable parameter is an activation too (a position embedding of
+    # arange: no user input, but a gradient to compute and to synchronize).
+    seeds = set(inputs) | trainable
     for node in program.graph.nodes:
         if node.op != "call_function":
             continue
         if node.target in _IGNORED or node.meta.get("val") is None:
             ignored.add(node.name)
-        elif any(a.name in activations for a in node.all_input_nodes):
+        elif any(a.name in activations or a.name in seeds for a in node.all_input_nodes):
             activations.add(node.name)
         else:
             state.add(node.name)
@@ -99,7 +104,8 @@ def build_units(captured: CapturedGraph, roles_: Roles) -> tuple[list[Unit], dic
             start(node.name, "input")
             continue
         acts = activation_args(node, roles_)
-        if node.target in FOLLOWERS and len(acts) == 1:
+        together = len(acts) > 1 and node.target in MULTI_FOLLOWERS and len({unit_of[a.name] for a in acts}) == 1
+        if (node.target in FOLLOWERS and len(acts) == 1) or together:
             source = acts[0]
             home = units[unit_of[source.name]]
             index = node.args[1] if node.target is operator.getitem else 0
@@ -110,6 +116,11 @@ def build_units(captured: CapturedGraph, roles_: Roles) -> tuple[list[Unit], dic
             else:
                 start(node.name, "boundary")
                 units[-1].sources[node.name] = (source.name, index)
+            continue
+        params = [a for a in tensor_args(node) if a.name in roles_.params]
+        if not acts and node.target in FOLLOWERS and len(params) == 1:
+            start(node.name, "param_view")
+            units[-1].sources[node.name] = (params[0].name, 0)
             continue
         start(node.name, "leader" if has_rule(node.target) else "fallback")
     _share_layers(captured, units)
