@@ -1,9 +1,12 @@
 """`autopar bench`: benchmarks that print a markdown table (and can append it to a file).
 
     autopar bench capture --models gpt3-175b llama3-8b
+    autopar bench planner
 
 capture: wall time to build a zoo model on the meta device and capture its training step
 (export, per-node analysis, layers), with the graph's size. Nothing is allocated.
+planner: wall time of `autopar.plan` on large models and simulated clusters, with the ILP's size,
+and the predicted step time and MFU of the plan found.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from autopar.capture import capture
-from autopar.units import fmt_count, fmt_flops
+from autopar.cluster import Cluster
+from autopar.units import fmt_count, fmt_flops, fmt_seconds
+from autopar.vocab import LogicalMesh
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,4 +65,71 @@ def capture_table(rows: list[CaptureRow]) -> str:
     for r in rows:
         lines.append(f"| {r.model} | {fmt_count(r.params)} | {r.ops} | {r.layers} ({r.distinct_layers}) | "
                      f"{fmt_flops(r.forward_flops)} | {r.build_seconds:.2f} | {r.capture_seconds:.2f} |")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannerCase:
+    label: str
+    model: str
+    batch: int
+    nodes: int
+    mesh: tuple[int, ...] | None = None
+    """Plan on this mesh only; None: every candidate mesh (the full search)."""
+    overrides: tuple[tuple[str, int], ...] = ()
+
+
+PLANNER_CASES = (
+    PlannerCase(label="GPT-3 175B, one layer, 128×8 mesh of H100", model="gpt3-175b", batch=1536, nodes=128,
+                mesh=(128, 8), overrides=(("n_layers", 1),)),
+    PlannerCase(label="GPT-3 175B, 96 layers, 1024 H100", model="gpt3-175b", batch=512, nodes=128),
+    PlannerCase(label="Llama-3 8B, 64 H100", model="llama3-8b", batch=64, nodes=8),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannerRow:
+    case: PlannerCase
+    capture_seconds: float
+    plan_seconds: float
+    variables: int
+    constraints: int
+    status: str
+    mesh: tuple[int, ...]
+    step_time: float
+    mfu: float
+
+
+def planner_benchmark(cases=PLANNER_CASES, *, precision: str = "bf16") -> list[PlannerRow]:
+    """Each case end to end: build on meta, capture, plan (bf16 mixed precision)."""
+    from autopar import models
+    from autopar.planner import plan_graph
+
+    rows = []
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    for case in cases:
+        entry = models.get(case.model)
+        start = time.perf_counter()
+        model = entry.build(device="meta", dtype=dtype, **dict(case.overrides))
+        inputs, target = entry.example_batch(case.batch, device="meta")
+        graph = capture(model, inputs, loss_fn=entry.loss_fn, target=target)
+        captured = time.perf_counter()
+        cluster = Cluster.preset("h100", nodes=case.nodes)
+        meshes = [LogicalMesh.build(cluster, case.mesh)] if case.mesh else None
+        plan = plan_graph(graph, cluster, model_name=case.model, precision=precision, meshes=meshes)
+        done = time.perf_counter()
+        rows.append(PlannerRow(case=case, capture_seconds=captured - start, plan_seconds=done - captured,
+                               variables=plan.search.variables, constraints=plan.search.constraints,
+                               status=plan.search.status, mesh=plan.stages[0].mesh.shape,
+                               step_time=plan.cost.step_time, mfu=plan.cost.mfu))
+    return rows
+
+
+def planner_table(rows: list[PlannerRow]) -> str:
+    lines = ["| case | batch | build + capture (s) | plan (s) | total (s) | ILP variables | constraints | "
+             "status | mesh | predicted step | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.case.label} | {r.case.batch} | {r.capture_seconds:.1f} | {r.plan_seconds:.1f} | "
+                     f"{r.capture_seconds + r.plan_seconds:.1f} | {r.variables} | {r.constraints} | {r.status} | "
+                     f"{'×'.join(map(str, r.mesh))} | {fmt_seconds(r.step_time)} | {r.mfu:.1%} |")
     return "\n".join(lines)

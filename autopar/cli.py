@@ -3,12 +3,14 @@
     autopar estimate --model gpt3-175b --precision mixed --optimizer adam
     autopar models
     autopar clusters [--show h100 --nodes 2 --json > cluster.json]
+    autopar plan --model gpt3-1.3b --cluster h100 --nodes 2 --batch-size 16 --out plan.json
     autopar bench capture --models gpt3-175b
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from autopar.cluster import Cluster
@@ -61,12 +63,41 @@ def _clusters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from autopar import models
+    from autopar.capture import capture
+    from autopar.planner import plan_graph
+
+    entry = models.get(args.model)
+    dtype = torch.float32 if args.precision == "fp32" else getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[
+        args.precision])
+    overrides = {"seq_len": args.seq_len} if args.seq_len else {}
+    model = entry.build(device="meta", dtype=dtype, **overrides)
+    inputs, target = entry.example_batch(args.batch_size, device="meta", **overrides)
+    graph = capture(model, inputs, loss_fn=entry.loss_fn, target=target)
+    budget = args.memory_budget * 1e9 if args.memory_budget else None
+    plan = plan_graph(graph, _cluster_from(args), model_name=args.model, strategy=args.strategy,
+                      precision=args.precision, optimizer=args.optimizer, memory_budget=budget,
+                      time_limit=args.time_limit)
+    print(plan.summary())
+    if args.out:
+        plan.save(args.out)
+        print(f"\nplan written to {args.out}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from autopar import bench
 
-    rows = bench.capture_benchmark(args.models, batch_size=args.batch_size)
-    table = bench.capture_table(rows)
-    print(f"capture on the meta device, batch {args.batch_size}; {bench.machine()}\n\n{table}")
+    if args.suite == "planner":
+        table = bench.planner_table(bench.planner_benchmark())
+        print(f"autopar.plan, capture included; {bench.machine()}\n\n{table}")
+    else:
+        rows = bench.capture_benchmark(args.models, batch_size=args.batch_size)
+        table = bench.capture_table(rows)
+        print(f"capture on the meta device, batch {args.batch_size}; {bench.machine()}\n\n{table}")
     if args.out:
         with open(args.out, "a") as f:
             f.write(table + "\n")
@@ -91,6 +122,25 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_args(p, nodes=128)
     p.set_defaults(run=_estimate)
 
+    p = sub.add_parser("plan", help="find the fastest plan for a zoo model on a cluster (no devices needed)",
+                       description="Capture a zoo model on the meta device, search data/tensor/sequence/expert "
+                                   "parallelism and ZeRO levels with the ILP, print the plan and optionally "
+                                   "write it as JSON.")
+    p.add_argument("--model", required=True, help="a zoo model (see `autopar models`)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per step (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: the model's context)")
+    p.add_argument("--strategy", default="auto", choices=["auto", "dp", "zero1", "zero2", "fsdp", "tp", "dp+tp", "sp"],
+                   help="auto searches everything; the others give that hand-written family (default: %(default)s)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="(default: %(default)s)")
+    p.add_argument("--optimizer", default="adamw", choices=["adam", "adamw", "sgd", "momentum"],
+                   help="(default: %(default)s)")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GB",
+                   help="usable memory per device in GB (default: 90%% of the device)")
+    p.add_argument("--time-limit", type=float, default=60.0, help="seconds per ILP solve (default: %(default)s)")
+    p.add_argument("--out", default=None, help="write the plan as JSON here")
+    _cluster_args(p)
+    p.set_defaults(run=_plan)
+
     p = sub.add_parser("models", help="list the model zoo", description="The zoo's models, with descriptions.")
     p.add_argument("--count", action="store_true", help="also count parameters (builds each model on meta)")
     p.set_defaults(run=_models)
@@ -105,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_clusters)
 
     p = sub.add_parser("bench", help="benchmarks, printed as markdown tables",
-                       description="Benchmarks. `capture`: build zoo models on meta and time their capture.")
-    p.add_argument("suite", choices=["capture"], help="which benchmark")
+                       description="Benchmarks. `capture`: build zoo models on meta and time their capture. "
+                                   "`planner`: time autopar.plan on GPT-3 175B (1024 H100) and Llama-3 8B (64 H100).")
+    p.add_argument("suite", choices=["capture", "planner"], help="which benchmark")
     p.add_argument("--models", nargs="+", default=["gpt3-175b"], help="zoo models (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1, help="samples per step (default: %(default)s)")
     p.add_argument("--out", default=None, help="append the table to this file")
@@ -115,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE"):  # `autopar plan ... | head` ends quietly, like any Unix tool
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

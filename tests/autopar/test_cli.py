@@ -9,7 +9,7 @@ from autopar import Cluster
 from autopar.cli import main
 
 
-@pytest.mark.parametrize("argv", [[], ["estimate"], ["models"], ["clusters"], ["bench"]])
+@pytest.mark.parametrize("argv", [[], ["estimate"], ["plan"], ["models"], ["clusters"], ["bench"]])
 def test_every_command_has_help(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv + ["--help"])
@@ -59,3 +59,21 @@ def test_bench_capture_table(capsys, tmp_path):
     out_file = tmp_path / "bench.md"
     assert main(["bench", "capture", "--models", "gpt-tiny", "mlp-tiny", "--out", str(out_file)]) == 0
     assert "| gpt-tiny |" in capsys.readouterr().out and "| mlp-tiny |" in out_file.read_text()
+
+
+def test_plan_prints_and_writes_a_plan(capsys, tmp_path):
+    from autopar import Plan
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "mlp-tiny", "--cluster", "cpu", "--gpus-per-node", "2", "--batch-size", "4",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "predicted step" in printed and "plan written to" in printed
+    plan = Plan.load(out)
+    assert plan.model == "mlp-tiny" and plan.num_devices == 2
+
+
+def test_plan_errors_are_clear(capsys):
+    assert main(["plan", "--model", "gpt3-2.7b", "--cluster", "v100", "--gpus-per-node", "2", "--seq-len",
+                 "256"]) == 2
+    assert "needs at least" in capsys.readouterr().err
