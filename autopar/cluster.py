@@ -195,11 +195,7 @@ class Cluster:
 
     @classmethod
     def from_json(cls, text: str) -> Cluster:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"cluster file: found malformed JSON ({e}), required a JSON object") from e
-        return cls.from_dict(data)
+        return cls.from_dict(parse_json(text, "cluster file"))
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(self.to_json() + "\n")
@@ -207,6 +203,14 @@ class Cluster:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Cluster:
         return cls.from_json(Path(path).read_text())
+
+
+def parse_json(text: str, what: str) -> Any:
+    """JSON text to data; malformed text is a ValueError saying which file it was meant to be."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what}: found malformed JSON ({e}), required a JSON object") from e
 
 
 def _read_fields(owner: str, data: Any, kind: type) -> dict[str, Any]:

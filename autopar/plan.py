@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch.distributed.tensor.placement_types import Placement
 
-from autopar.cluster import Cluster
+from autopar.cluster import Cluster, parse_json
 from autopar.serialize import from_data, to_data
 from autopar.vocab import LogicalMesh
 
@@ -165,11 +165,7 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"plan file: found malformed JSON ({e}), required a JSON object") from e
-        return from_data(cls, data, "plan")
+        return from_data(cls, parse_json(text, "plan file"), "plan")
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(self.to_json() + "\n")

@@ -90,8 +90,9 @@ def plan_graph(captured: CapturedGraph, cluster: Cluster, *, model_name: str = "
         raise _nothing_fits(strategy, cluster, floors, comparisons)
     problem, solution = best
     if solution.status != "optimal":
-        warnings.append(f"the solver stopped at the {time_limit:g} s time limit: the plan is within "
-                        f"{solution.gap:.1%} of the best possible one")
+        bound = (f"within {solution.gap:.1%} of the best possible one" if solution.gap == solution.gap
+                 else "the best found, not proven optimal")
+        warnings.append(f"the solver stopped at the {time_limit:g} s time limit: the plan is {bound}")
     one, collectives = stage(problem, solution)
     report = SearchReport(solver=solution.solver, status=solution.status, gap=solution.gap,
                           variables=solution.variables, constraints=solution.constraints,

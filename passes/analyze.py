@@ -216,12 +216,7 @@ def analyze(graph: fx.Graph, grad_inputs: set[str], param_inputs: set[str]) -> d
             saved_roots.add(root[(node.name, i)])
         internal[node.name] = cost.internal_saved_bytes
 
-    by_name = {node.name: node for node in graph.nodes}
-    saved_by_node: dict[str, int] = {}
-    for name, index in saved_roots:
-        if name not in param_inputs:
-            value = _vals(by_name[name])[index]
-            saved_by_node[name] = saved_by_node.get(name, 0) + value.numel() * value.dtype.itemsize
+    saved_by_node = _saved_by_node(graph, saved_roots, param_inputs)
 
     out: dict[str, NodeCost] = {}
     for node in graph.nodes:
@@ -237,6 +232,17 @@ def analyze(graph: fx.Graph, grad_inputs: set[str], param_inputs: set[str]) -> d
             requires_grad=requires_grad.get((node.name, 0), False),
         )
     return out
+
+
+def _saved_by_node(graph: fx.Graph, saved_roots: set[tuple[str, int]], param_inputs: set[str]) -> dict[str, int]:
+    """Bytes of each node's outputs that some backward keeps (parameters and buffers excluded)."""
+    by_name = {node.name: node for node in graph.nodes}
+    saved: dict[str, int] = {}
+    for name, index in saved_roots:
+        if name not in param_inputs:
+            value = _vals(by_name[name])[index]
+            saved[name] = saved.get(name, 0) + value.numel() * value.dtype.itemsize
+    return saved
 
 
 def _ref(node: fx.Node) -> tuple[str, int]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -226,7 +227,9 @@ def _run(lp, time_limit: float, warm: bool) -> tuple[str, float, str]:
         name = "HiGHS"
     except Exception as e:  # noqa: BLE001 - HiGHS failing is exactly when CBC is the fallback
         logger.warning("HiGHS failed (%s); solving with CBC", e)
-        lp.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, warmStart=warm, threads=1))
+        with warnings.catch_warnings():  # PuLP 3 bundles CBC behind a name PuLP 4 will rename
+            warnings.simplefilter("ignore", DeprecationWarning)
+            lp.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, warmStart=warm, threads=1))
         gap, limit, name = 0.0, lp.status != pulp.LpStatusOptimal, "CBC"
     if lp.status == pulp.LpStatusInfeasible:
         raise InfeasibleError("the sharding ILP is infeasible although each unit has a strategy "

@@ -16,6 +16,7 @@ rule per axis), kept when every sharded dim divides evenly (`passes.sharding`).
 | sum, mean                            | kept dims S → S; reduced dims S → P (sum) or P(avg) (mean)                           |
 | cross_entropy, mse_loss              | batch (and spatial) dims → P; cross-entropy's class dim S(1) (vocabulary parallel)   |
 | cat, stack, element-wise with two activations | any output dim (operands broadcast); P where the op is linear               |
+| index_select, gather, scatter(_add), x[idx] | dims the op does not index; index_select and x[idx] also by splitting the index (MoE token routing) |
 
 An op with no rule gets the all-replicated rule only, and the plan lists it as a warning.
 """
@@ -256,6 +257,45 @@ def _concat(node):
     return rules
 
 
+def _index_select(node):
+    """index_select(x, dim, index): any other dim of x; or the picked rows, by sharding the index."""
+    x, dim = node.args[0], node.args[1] % _rank(node.args[0])
+    rules = [Rule(ins=(Shard(d), R), outs=(Shard(d),)) for d in range(_rank(x)) if d != dim]
+    rules.append(Rule(ins=(R, Shard(0)), outs=(Shard(dim),)))
+    return rules
+
+
+def _gather(node):
+    """gather(x, dim, index): x and index (same rank) split alike on any dim but `dim`."""
+    rank = _rank(node.args[0])
+    dim = node.args[1] % rank
+    return [Rule(ins=(Shard(d), Shard(d)), outs=(Shard(d),)) for d in range(rank) if d != dim]
+
+
+def _scatter(node):
+    """scatter(_add)(x, dim, index, src): all three split alike on any dim but `dim`; a scatter-add
+    of partial sources into a partial x stays partial."""
+    rank = _rank(node.args[0])
+    dim = node.args[1] % rank
+    n = len(tensor_args(node))
+    rules = [Rule(ins=(Shard(d),) * n, outs=(Shard(d),)) for d in range(rank) if d != dim]
+    if node.target in (aten.scatter_add.default, aten.index_add.default) and n == 3:
+        rules.append(Rule(ins=(P, R, P), outs=(P,)))
+    return rules
+
+
+def _index(node):
+    """x[idx] with one index tensor on dim 0 (token selection): the index split gives the rows split,
+    or x split on a trailing dim."""
+    x, indices = node.args[0], node.args[1]
+    if len(indices) != 1 or indices[0] is None:
+        return []
+    idx_rank = _rank(indices[0])
+    rules = [Rule(ins=(R, Shard(i)), outs=(Shard(i),)) for i in range(idx_rank)]
+    rules += [Rule(ins=(Shard(d), R), outs=(Shard(d - 1 + idx_rank),)) for d in range(1, _rank(x))]
+    return rules
+
+
 _PARTIAL_OK = {aten.add.Tensor: "all", aten.sub.Tensor: "all", aten.where.self: "values",
                aten.mul.Tensor: "one", aten.div.Tensor: "first"}
 
@@ -303,6 +343,8 @@ _RULES = {
     aten.avg_pool2d.default: lambda n: [Rule(ins=(Shard(d),), outs=(Shard(d),)) for d in (0, 1)],
     aten.adaptive_avg_pool2d.default: lambda n: [Rule(ins=(Shard(d),), outs=(Shard(d),)) for d in (0, 1)],
     aten.cat.default: _concat, aten.stack.default: _concat,
+    aten.index_select.default: _index_select, aten.gather.default: _gather, aten.index.Tensor: _index,
+    aten.scatter.src: _scatter, aten.scatter_add.default: _scatter, aten.index_add.default: _scatter,
     aten.broadcast_tensors.default: _elementwise,
 }
 ELEMENTWISE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.where.self,

@@ -176,3 +176,27 @@ def test_time_limit_hit_returns_a_plan_with_a_warning():
     assert plan.cost.step_time <= min(b.step_time for b in plan.baselines if b.step_time) * (1 + 1e-9)
 
 
+
+
+def test_planning_is_deterministic():
+    graph = zoo_graph("llama-tiny", 8)
+    cluster = Cluster.preset("h100", gpus_per_node=4)
+    first, second = plan_graph(graph, cluster), plan_graph(graph, cluster)
+    strip = lambda p: {k: v for k, v in json.loads(p.to_json()).items() if k != "search"}  # noqa: E731
+    assert strip(first) == strip(second)
+
+
+def test_cbc_solves_when_highs_fails(monkeypatch):
+    from autopar.passes import ilp
+
+    graph = zoo_graph("mlp-tiny", 8)
+    cluster = Cluster.preset("h100", gpus_per_node=4)
+    expected = plan_graph(graph, cluster)
+
+    def broken(self, lp, callback=None):
+        raise RuntimeError("HiGHS is not available")
+
+    monkeypatch.setattr(ilp._HiGHS, "actualSolve", broken)
+    fallback = plan_graph(graph, cluster)
+    assert fallback.search.solver == "CBC"
+    assert fallback.cost.step_time == pytest.approx(expected.cost.step_time, rel=1e-9)

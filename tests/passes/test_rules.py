@@ -82,3 +82,18 @@ def test_strategies_on_a_2d_mesh_divide_evenly():
     assert all(s.inputs[0][0] != S(1) or s.inputs[0][1] != S(1) for s in options)  # 6 tokens / 4: no
     assert any(s.inputs[0] == (S(0), S(1)) for s in options)
     assert any(s.outputs[0] == (S(2), S(2)) for s in options)  # 32 / 4 columns
+
+
+def test_routing_index_ops():
+    x, idx = torch.randn(8, 6), torch.randint(0, 8, (4,))
+    select = node_of(lambda a, i: a.index_select(0, i), x, idx, op="index_select")
+    assert ((R, S(0)), (S(0),)) in {(r.ins, r.outs) for r in rules(select)}  # split the picked tokens
+    assert ((S(1), R), (S(1),)) in {(r.ins, r.outs) for r in rules(select)}
+    gather = node_of(lambda a, i: a.gather(1, i), torch.randn(4, 6), torch.randint(0, 6, (4, 3)), op="gather")
+    assert {(r.ins, r.outs) for r in rules(gather)} >= {((S(0), S(0)), (S(0),))}
+    scatter = node_of(lambda a, i, s: a.scatter_add(0, i, s), torch.zeros(8, 6), torch.randint(0, 8, (4, 6)),
+                      torch.randn(4, 6), op="scatter_add")
+    found = {(r.ins, r.outs) for r in rules(scatter)}
+    assert ((S(1), S(1), S(1)), (S(1),)) in found and ((P, R, P), (P,)) in found
+    index = node_of(lambda a, i: a[i], x, idx, op="index")
+    assert ((R, S(0)), (S(0),)) in {(r.ins, r.outs) for r in rules(index)}
