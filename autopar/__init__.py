@@ -9,10 +9,11 @@
 from autopar import models
 from autopar.capture import capture
 from autopar.cluster import Cluster, DeviceSpec, Link, PeakFlops
+from autopar.compiler import compile
 from autopar.errors import AutoparError, CaptureError, InfeasibleError
 from autopar.plan import Plan
 from autopar.planner import plan
 
 __version__ = "0.1.0"
 __all__ = ["AutoparError", "CaptureError", "Cluster", "DeviceSpec", "InfeasibleError", "Link", "PeakFlops", "Plan",
-           "capture", "models", "plan"]
+           "capture", "compile", "models", "plan"]

@@ -88,10 +88,10 @@ def _collectives(problem: ShardingProblem, solution: ShardingSolution, nodes: di
                 numel = ctx.captured.params[ctx.roles.params[arg.name]].meta.numel
                 add(name, "forward", ctx.resharder.collectives(held.storage, plan.inputs[j], numel * w_bytes))
                 add(name, "backward", ctx.resharder.collectives(grads[j], held.grad, numel * g_bytes))
-    for out in ctx.fx_nodes["output"].all_input_nodes:
-        if out.name in nodes and ctx.captured.nodes[out.name].output is not None:
-            placed = nodes[out.name].outputs[0]
-            add(out.name, "forward", ctx.resharder.collectives(placed, tuple(R for _ in placed), ctx.nbytes(out.name)))
+    for out in ctx.captured.reduced_outputs:
+        if out in nodes and ctx.captured.nodes[out].output is not None:
+            placed = nodes[out].outputs[0]
+            add(out, "forward", ctx.resharder.collectives(placed, tuple(R for _ in placed), ctx.nbytes(out)))
     for unit in problem.units:
         strategy = problem.strategies[unit.canonical][solution.choice[unit.canonical]]
         position = {n: i for i, n in enumerate(problem.units[unit.canonical].members)}

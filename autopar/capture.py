@@ -42,7 +42,8 @@ _LOSS_PATH = "<loss>"
 
 
 class _Step(nn.Module):
-    """`loss_fn(model(*inputs), target)`, or just `model(*inputs)` when no loss is given."""
+    """`(loss_fn(output, target), output)` with `output = model(*inputs)`; just the output when no
+    loss is given. The output stays in the graph so a compiled model can also run forward only."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable | None) -> None:
         super().__init__()
@@ -53,7 +54,8 @@ class _Step(nn.Module):
         if self.loss_fn is None:
             return self.model(*args)
         *inputs, target = args
-        return self.loss_fn(self.model(*inputs), target)
+        output = self.model(*inputs)
+        return self.loss_fn(output, target), output
 
 
 def capture(model: nn.Module, example_inputs: tuple, *, loss_fn: Callable | None = None,
@@ -80,8 +82,10 @@ def capture(model: nn.Module, example_inputs: tuple, *, loss_fn: Callable | None
     layers, layer_of = find_layers(program.graph, nodes, {p.placeholder for p in params.values()})
     nodes = {name: _with_layer(info, layer_of.get(name)) for name, info in nodes.items()}
     user_inputs = tuple(s.arg.name for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT)
+    output = next(n for n in program.graph.nodes if n.op == "output")
+    outputs = tuple(a.name if isinstance(a, torch.fx.Node) else "" for a in pytree.tree_leaves(output.args))
     return CapturedGraph(program=program, nodes=nodes, params=params, inputs=user_inputs,
-                         has_loss=loss_fn is not None, layers=layers)
+                         has_loss=loss_fn is not None, layers=layers, outputs=outputs)
 
 
 def _model_device(model: nn.Module) -> torch.device:

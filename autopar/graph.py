@@ -108,7 +108,14 @@ class CapturedGraph:
     """Placeholders of the user's example inputs, then of the target when a loss was captured."""
     has_loss: bool
     layers: tuple[Layer, ...]
+    outputs: tuple[str, ...] = ()
+    """The graph's outputs: with a loss, the loss first, then the model's output tensors."""
     warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def reduced_outputs(self) -> tuple[str, ...]:
+        """Outputs a training step returns whole on every rank: the loss, or every output without one."""
+        return self.outputs[:1] if self.has_loss else self.outputs
 
     @property
     def flops(self) -> int:

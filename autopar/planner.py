@@ -41,29 +41,35 @@ logger = logging.getLogger(__name__)
 
 def plan(model: nn.Module, cluster: Cluster, *, example_inputs: tuple, loss_fn: Callable | None = None,
          target: Any = None, strategy: str = "auto", precision: str = "fp32", optimizer: str = "adamw",
-         memory_budget: float | None = None, time_limit: float = 60.0) -> Plan:
+         memory_budget: float | None = None, time_limit: float = 60.0,
+         zero_levels: tuple[int, ...] = (0, 1, 2, 3)) -> Plan:
     """The fastest plan for one training step of `model` on `cluster` that fits in memory.
 
     `strategy`: "auto" searches everything; "dp", "zero1", "zero2", "fsdp", "tp", "dp+tp", "sp" give
     that hand-written family's best plan. `memory_budget`: bytes per device (default: 90% of the
     device). `time_limit`: seconds per ILP solve; the best plan found by then is returned, with a
-    warning. Raises `InfeasibleError` when nothing fits, with the memory needed and available.
+    warning. `zero_levels`: the parameter storage levels the search may use (0 DDP, 1-2 ZeRO, 3
+    FSDP); pass (0,) when the optimizer is not element-wise (Shampoo, LAMB), since sharding its state
+    would change what it computes. Raises `InfeasibleError` when nothing fits, with the memory
+    needed and available.
     """
     captured = capture(model, example_inputs, loss_fn=loss_fn, target=target)
     return plan_graph(captured, cluster, model_name=type(model).__name__, strategy=strategy, precision=precision,
-                      optimizer=optimizer, memory_budget=memory_budget, time_limit=time_limit)
+                      optimizer=optimizer, memory_budget=memory_budget, time_limit=time_limit,
+                      zero_levels=zero_levels)
 
 
 def plan_graph(captured: CapturedGraph, cluster: Cluster, *, model_name: str = "model", strategy: str = "auto",
                precision: str = "fp32", optimizer: str = "adamw", memory_budget: float | None = None,
-               time_limit: float = 60.0, meshes: list[LogicalMesh] | None = None) -> Plan:
+               time_limit: float = 60.0, meshes: list[LogicalMesh] | None = None,
+               zero_levels: tuple[int, ...] = (0, 1, 2, 3)) -> Plan:
     """`plan` for a graph already captured."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: found {strategy!r}, required one of {', '.join(STRATEGIES)}")
     if not time_limit > 0:
         raise ValueError(f"time_limit: found {time_limit!r}, required > 0 seconds")
     options = ShardingOptions(precision=normalize_precision(precision), optimizer=optimizer,
-                              memory_budget=memory_budget)
+                              memory_budget=memory_budget, levels=tuple(zero_levels))
     start = time.perf_counter()
     names = baselines.BASELINES if strategy == "auto" else (strategy,)
     meshes = meshes or _meshes(cluster, names if strategy != "auto" else None)

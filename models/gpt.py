@@ -8,7 +8,7 @@ head tied to the token embedding (logits = x · tok_emb.weightᵀ).
 
 Parameters (biases and LayerNorms included), with L layers, width d, attention
 inner width i = n_heads·d_head, vocabulary V and P positions:
-    per block  = 4·d·i + 3·i + 8·d² + 10·d       (= 12·d² + 13·d when i = d)
+    per block  = 4·d·i + 2·i + 8·d² + 10·d       (= 12·d² + 12·d when i = d)
     total      = L·block + (V + P)·d + 2·d        (the head shares the embedding)
 
 Two rows of the table are not self-consistent, and are read this way:
@@ -56,14 +56,17 @@ class CausalSelfAttention(nn.Module):
     The heads span an inner width n_heads·d_head that need not equal d_model. q, k and v are
     three projections rather than GPT-2's fused one: the same parameters and function, but a
     column-sharded fused output cannot be split into per-head q, k, v on each rank, while
-    separate projections shard by heads directly (Megatron's layout).
+    separate projections shard by heads directly (Megatron's layout). The key projection has no
+    bias: a key bias shifts every score of a query by the same amount, which softmax ignores, so
+    its gradient is exactly zero and only rounding noise reaches it (which Adam would amplify into
+    updates that differ with the order of any sum: one device against many, or DDP).
     """
 
     def __init__(self, d_model: int, n_heads: int, d_head: int) -> None:
         super().__init__()
         self.n_heads, self.d_head = n_heads, d_head
         self.q = nn.Linear(d_model, n_heads * d_head)
-        self.k = nn.Linear(d_model, n_heads * d_head)
+        self.k = nn.Linear(d_model, n_heads * d_head, bias=False)
         self.v = nn.Linear(d_model, n_heads * d_head)
         self.proj = nn.Linear(n_heads * d_head, d_model)
 
@@ -76,7 +79,8 @@ class CausalSelfAttention(nn.Module):
     def init_weights(self, generator: torch.Generator, *, std: float, out_std: float) -> None:
         for p in (self.q, self.k, self.v):
             nn.init.normal_(p.weight, std=std, generator=generator)
-            nn.init.zeros_(p.bias)
+            if p.bias is not None:
+                nn.init.zeros_(p.bias)
         nn.init.normal_(self.proj.weight, std=out_std, generator=generator)
         nn.init.zeros_(self.proj.bias)
 

@@ -16,8 +16,8 @@ so the layer traces, and the expert dim E of `wi`/`wo` can be sharded (expert
 parallelism: the "GSEC,GSM->EGCM" dispatch becomes an all-to-all).
 
 Parameters, with L layers (L/2 of them MoE), width d, FFN width f, E experts:
-    dense block = 4·d² + 2·d·f + 9·d + f          (attention 4d²+4d, FFN 2df+f+d, 2 LNs 4d)
-    MoE block   = 4·d² + 2·E·d·f + 8·d + d·E       (experts have no biases; router d·E)
+    dense block = 4·d² + 2·d·f + 8·d + f          (attention 4d²+3d, FFN 2df+f+d, 2 LNs 4d)
+    MoE block   = 4·d² + 2·E·d·f + 7·d + d·E       (experts have no biases; router d·E)
     total       = ceil(L/2)·dense + floor(L/2)·MoE + (V + P)·d + 2·d
 """
 

@@ -1,28 +1,106 @@
-"""Resharding: the collectives that turn one placement of a tensor into another, and their time.
+"""Resharding: the steps that turn one placement of a tensor into another, and their time.
 
-Takes a source and a target placement (one per mesh axis), the tensor's bytes and the mesh; gives
-the list of collectives, axis by axis, each timed by the cost model:
+Takes a source and a target placement (one per mesh axis); `steps` gives the sequence of per-axis
+steps, which the runtime executes (`runtime.collectives.transform`) and the cost model prices
+(`Resharder`), so a plan's collectives are exactly what runs:
 
-| from → to      | collective over the axis's group           | message n (seed 002's convention) |
-|----------------|--------------------------------------------|------------------------------------|
-| S(i) → R       | all-gather                                 | the gathered size                  |
-| P → R          | all-reduce                                 | the local size                     |
-| P → S(i)       | reduce-scatter                             | the local size before              |
-| S(i) → S(j)    | all-to-all                                 | the local size                     |
-| R → S(i), R → P| none (a local slice; a zero on all but one rank) |                              |
-| S(i) → P       | all-gather, then the local R → P           | the gathered size                  |
+| per axis       | step             | collective over the axis's group | message n (seed 002)      |
+|----------------|------------------|----------------------------------|---------------------------|
+| S(i) → S(j)    | all_to_all       | all-to-all                       | the local size            |
+| S(d) → R       | all_gather       | all-gather                       | the gathered size         |
+| P → R          | all_reduce       | all-reduce                       | the local size            |
+| P → S(d)       | reduce_scatter   | reduce-scatter                   | the local size before     |
+| R → S(d)       | cut              | none (keep this rank's chunk)    |                           |
+| R → P          | zero             | none (zeros but on the first rank) |                         |
+| S(d) → P       | pad              | none (this rank's chunk in zeros) |                          |
+| P ↔ P(avg)     | scale            | none (times or over the group size) |                        |
 
-Reductions run first, gathers last, so each collective moves as little as it can.
+A dim cut on several axes is cut outer axis first (DTensor's order). So gathers run innermost axis
+first, cuts outermost first; an axis inside one that is gathered or cut anew is gathered too and
+cut again; a reduce-scatter an outer cut must precede is an all-reduce and a cut. All-to-all is
+used where neither dim is cut on another axis.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Partial, Replicate, Shard
 
 from autopar.cost.comm import CommModel
 from autopar.vocab import LogicalMesh, Placements, shard_count
+
+COMMUNICATING = ("all_to_all", "all_gather", "reduce_scatter", "all_reduce")
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    kind: str
+    axis: int
+    dim: int = -1
+    """The tensor dim gathered, scattered, cut or padded; for all_to_all, the dim it cuts anew."""
+    source_dim: int = -1
+    """all_to_all only: the dim that is joined."""
+    op: str = "sum"
+    """all_reduce / reduce_scatter: the partial's reduction; scale: the target's."""
+
+
+def _to_gather(cur: list, dst: Placements) -> set[int]:
+    n = len(cur)
+    found = {a for a in range(n) if isinstance(cur[a], Shard) and (
+        dst[a] != cur[a] or any(dst[b] == cur[a] and cur[b] != cur[a] for b in range(a)))}
+    grew = True
+    while grew:
+        grew = False
+        for a in range(n):
+            if a not in found and isinstance(cur[a], Shard) and any(b in found and cur[b] == cur[a] for b in range(a)):
+                found.add(a)
+                grew = True
+    return found
+
+
+def _alone(cur: list, dst: Placements, a: int) -> bool:
+    dims = {cur[a].dim, dst[a].dim}
+    return not any(isinstance(p, Shard) and p.dim in dims for b in range(len(cur)) if b != a
+                   for p in (cur[b], dst[b]))
+
+
+def steps(src: Placements, dst: Placements) -> list[Step]:
+    """The per-axis steps from `src` to `dst` (see the module docstring)."""
+    if src == dst:
+        return []
+    cur, n, out = list(src), len(src), []
+    for a in range(n):  # 1. all-to-all where the two dims are cut on no other axis
+        if isinstance(cur[a], Shard) and isinstance(dst[a], Shard) and cur[a] != dst[a] and _alone(cur, dst, a):
+            out.append(Step("all_to_all", a, dim=dst[a].dim, source_dim=cur[a].dim))
+            cur[a] = dst[a]
+    gather = _to_gather(cur, dst)
+    for a in reversed(range(n)):  # 2. gathers, innermost first
+        if a in gather:
+            out.append(Step("all_gather", a, dim=cur[a].dim))
+            cur[a] = Replicate()
+    for a in range(n):  # 3. reductions, outermost first
+        if isinstance(cur[a], Partial) and not isinstance(dst[a], Partial):
+            pending = any(dst[b] == dst[a] and cur[b] != dst[b] for b in range(a))
+            if isinstance(dst[a], Shard) and not pending:
+                out.append(Step("reduce_scatter", a, dim=dst[a].dim, op=cur[a].reduce_op))
+                cur[a] = dst[a]
+            else:
+                out.append(Step("all_reduce", a, op=cur[a].reduce_op))
+                cur[a] = Replicate()
+    for a in range(n):  # 4. local changes, outermost first
+        if cur[a] == dst[a]:
+            continue
+        if isinstance(dst[a], Shard):
+            out.append(Step("cut", a, dim=dst[a].dim))
+        elif isinstance(cur[a], Partial):
+            out.append(Step("scale", a, op=dst[a].reduce_op))
+        elif isinstance(cur[a], Shard):
+            out.append(Step("pad", a, dim=cur[a].dim))
+        else:
+            out.append(Step("zero", a, op=dst[a].reduce_op))
+        cur[a] = dst[a]
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,22 +111,6 @@ class Collective:
     bytes: float
     """n in seed 002's formulas (see the table above)."""
     time: float
-
-
-def _step(src, dst, local: float, size: int) -> tuple[str, float] | None:
-    """The collective for one axis and its n; None when the change is local (from R)."""
-    if src == dst or isinstance(src, Replicate):
-        return None
-    if isinstance(src, Shard):
-        return ("all_to_all", local) if isinstance(dst, Shard) else ("all_gather", local * size)
-    # A partial sum: reduce it (P(sum) ↔ P(avg) too: reduce, then re-split locally).
-    return ("reduce_scatter", local) if isinstance(dst, Shard) else ("all_reduce", local)
-
-
-def _order(src: Placements, dst: Placements) -> list[int]:
-    """Axes to change: reductions and all-to-alls first, gathers last."""
-    changes = [a for a in range(len(src)) if src[a] != dst[a] and not isinstance(src[a], Replicate)]
-    return sorted(changes, key=lambda a: (isinstance(src[a], Shard) and not isinstance(dst[a], Shard), a))
 
 
 class Resharder:
@@ -66,19 +128,17 @@ class Resharder:
         found = self._cache.get(key)
         if found is not None:
             return found
-        current = list(src)
-        steps = []
-        for axis in _order(src, dst):
+        current, result = list(src), []
+        for step in steps(src, dst):
             local = nbytes / shard_count(current, self.mesh.shape)
-            step = _step(current[axis], dst[axis], local, self.mesh.shape[axis])
-            if step is not None:
-                kind, n = step
-                group = self._groups[axis]
-                steps.append(Collective(kind, axis, len(group), n, self.comm.time(kind, n, group)))
-            current[axis] = dst[axis]
-        result = tuple(steps)
-        self._cache[key] = result
-        return result
+            size = self.mesh.shape[step.axis]
+            if step.kind in COMMUNICATING:
+                n = local * size if step.kind == "all_gather" else local
+                group = self._groups[step.axis]
+                result.append(Collective(step.kind, step.axis, len(group), n, self.comm.time(step.kind, n, group)))
+            current[step.axis] = _after(step, current[step.axis])
+        self._cache[key] = tuple(result)
+        return self._cache[key]
 
     def time(self, src: Placements, dst: Placements, nbytes: float) -> float:
         if src == dst:
@@ -88,3 +148,12 @@ class Resharder:
         if found is None:
             found = self._times[key] = sum(c.time for c in self.collectives(src, dst, nbytes))
         return found
+
+
+def _after(step: Step, before):
+    """The axis's placement after a step (only its sharding matters for the sizes that follow)."""
+    if step.kind in ("all_to_all", "reduce_scatter", "cut"):
+        return Shard(step.dim)
+    if step.kind in ("all_gather", "all_reduce"):
+        return Replicate()
+    return Partial(step.op) if step.kind in ("zero", "scale") else Partial()

@@ -215,10 +215,10 @@ def _price_members(ctx: Context, unit: Unit, strategy: Strategy) -> None:
         for axis, kind in enumerate(sharding.kinds):
             if kind in _INTERNAL:
                 _internal(ctx, strategy, name, sharding, axis, kind)
-    for output in ctx.fx_nodes["output"].all_input_nodes if "output" in ctx.fx_nodes else []:
-        if output.name in unit.members and ctx.captured.nodes[output.name].output is not None:
-            placed = strategy.members[unit.members.index(output.name)].outputs[0]
-            strategy.comm += ctx.resharder.time(placed, tuple(R for _ in shape), ctx.nbytes(output.name))
+    for name in ctx.captured.reduced_outputs:
+        if name in unit.members and ctx.captured.nodes[name].output is not None:
+            placed = strategy.members[unit.members.index(name)].outputs[0]
+            strategy.comm += ctx.resharder.time(placed, tuple(R for _ in shape), ctx.nbytes(name))
 
 
 def _internal(ctx: Context, strategy: Strategy, name: str, sharding: NodeSharding, axis: int, kind: str) -> None:

@@ -48,9 +48,12 @@ def test_small_model_large_batch_is_data_parallel():
 
 
 def test_gpt_layer_on_two_nodes_is_tensor_parallel_inside_and_data_parallel_across():
-    graph = zoo_graph("gpt3-175b", 32, n_layers=1)
+    # Megatron's setting: DDP (no ZeRO, as for an optimizer that is not element-wise), weights that
+    # must be split to fit, a large batch. With ZeRO allowed, ZeRO data parallelism over all eight
+    # devices moves the same bytes across nodes (hierarchical collectives) and the two are near-tied.
+    graph = zoo_graph("gpt3-175b", 128, dtype=torch.bfloat16, n_layers=1)
     cluster = Cluster.preset("h100", nodes=2, gpus_per_node=4)
-    plan = plan_graph(graph, cluster)
+    plan = plan_graph(graph, cluster, precision="bf16", memory_budget=30e9, zero_levels=(0,))
     mesh = plan.stages[0].mesh
     inside = [a for a in range(mesh.ndim) if all(len({cluster.node_of(d) for d in g}) == 1 for g in mesh.groups(a))]
     assert inside and len(inside) < mesh.ndim

@@ -78,9 +78,9 @@ def test_gpt_param_formula(name):
     L, d, i, V, P = c.n_layers, c.d_model, c.n_heads * c.d_head, c.vocab_size, c.seq_len
     count = models.get(name).num_params()
     # General form, attention inner width i = n_heads·d_head (≠ d_model only for 13B).
-    assert count == L * (4 * d * i + 3 * i + 8 * d * d + 10 * d) + (V + P) * d + 2 * d
-    if d == i:
-        assert count == 12 * L * d * d + 13 * L * d + (V + P) * d + 2 * d
+    assert count == L * (4 * d * i + 2 * i + 8 * d * d + 10 * d) + (V + P) * d + 2 * d
+    if d == i:  # no key bias (see models/gpt.py)
+        assert count == 12 * L * d * d + 12 * L * d + (V + P) * d + 2 * d
 
 
 def test_gpt3_13b_keeps_the_table_width_and_head_dim():
@@ -101,8 +101,8 @@ def test_llama_param_formula(name):
 def test_moe_param_formula(name):
     c = models.get(name).config
     d, f, E, L = c.d_model, c.d_ff, c.n_experts, c.n_layers
-    dense = 4 * d * d + 2 * d * f + 9 * d + f
-    moe = 4 * d * d + 2 * E * d * f + 8 * d + d * E
+    dense = 4 * d * d + 2 * d * f + 8 * d + f  # no key bias (models/gpt.py)
+    moe = 4 * d * d + 2 * E * d * f + 7 * d + d * E
     embed = (c.vocab_size + c.seq_len) * d + 2 * d
     assert models.get(name).num_params() == (L - L // 2) * dense + (L // 2) * moe + embed
 

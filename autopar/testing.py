@@ -1,0 +1,260 @@
+"""Testing aids: a pool of local gloo ranks that runs many training cases, and the single-device
+reference they are compared with.
+
+    with RankPool(4) as pool:
+        results = pool.run([{"model": "gpt-tiny", "strategy": "tp", "steps": 5}, ...])
+
+Processes start once per pool (the expensive part); each case then builds the zoo model with a fixed
+seed on every rank, compiles it (rank 0 plans), trains, and returns rank 0's losses and whole state
+dict. Messages are JSON over pipes; nothing is pickled. A case that raises comes back as
+{"error": "..."} with the exception and traceback, and the pool stays usable.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from typing import Any
+
+import torch
+
+DEFAULTS = {"batch": 8, "steps": 5, "lr": 1e-3, "seed": 0, "strategy": "auto", "timeout": 60.0, "optimizer": "adamw",
+            "dtype": "float32"}
+
+
+def _optimizer(case: dict):
+    if case["optimizer"] == "sgd":
+        return lambda ps: torch.optim.SGD(ps, lr=case["lr"])
+    return lambda ps: torch.optim.AdamW(ps, lr=case["lr"], eps=case.get("eps", 1e-8))
+
+
+def _batch(entry, case: dict, step: int):
+    inputs, target = entry.example_batch(case["batch"], seed=step, **_batch_overrides(case))
+    dtype = getattr(torch, case["dtype"])
+    cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
+    return tuple(cast(x) for x in inputs), cast(target)
+
+
+def reference(case: dict[str, Any]) -> dict[str, Any]:
+    """The case trained on one device, in plain PyTorch: losses and state dict."""
+    from autopar import models
+
+    case = {**DEFAULTS, **case}
+    entry = models.get(case["model"])
+    model = entry.build(seed=case["seed"], dtype=getattr(torch, case["dtype"]), **case.get("overrides", {}))
+    optimizer = _optimizer(case)(list(model.parameters()))
+    losses = []
+    for step in range(case["steps"]):
+        inputs, target = _batch(entry, case, step)
+        optimizer.zero_grad()
+        loss = entry.loss_fn(model(*inputs), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return {"losses": losses, "state": {k: v.tolist() for k, v in model.state_dict().items()}}
+
+
+def _batch_overrides(case: dict) -> dict:
+    return {k: v for k, v in case.get("overrides", {}).items() if k == "seq_len"}
+
+
+def run_case(case: dict[str, Any]) -> dict[str, Any]:
+    """One case on this rank (inside a pool worker, or under torchrun)."""
+    import autopar
+    from autopar import models
+
+    case = {**DEFAULTS, **case}
+    entry = models.get(case["model"])
+    model = entry.build(seed=case["seed"], dtype=getattr(torch, case["dtype"]), **case.get("overrides", {}))
+    inputs, target = _batch(entry, case, 0)
+    plan = autopar.Plan.from_json(case["plan"]) if case.get("plan") else None
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    cluster = autopar.Cluster.preset("cpu", gpus_per_node=world)
+    compiled = autopar.compile(model, cluster, example_inputs=inputs, loss_fn=entry.loss_fn, target=target,
+                               optimizer=_optimizer(case), plan=plan,
+                               strategy=case["strategy"], timeout=case["timeout"])
+    try:
+        losses = []
+        for step in range(case["steps"]):
+            inputs, target = _batch(entry, case, step)
+            losses.append(compiled.step(*inputs, target=target).item())
+        state = compiled.state_dict()
+        return {"losses": losses, "state": {k: v.tolist() for k, v in state.items()},
+                "strategy": compiled.plan.strategy, "mesh": list(compiled.plan.stages[0].mesh.shape)}
+    finally:
+        compiled.close()
+
+
+def _worker(rank: int, world: int, port: int, conn) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import datetime
+
+    import torch.distributed as dist
+
+    if world > 1:
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    while True:
+        message = conn.recv_bytes()
+        if message == b"stop":
+            break
+        case = json.loads(message)
+        try:
+            result = run_case(case)
+        except BaseException as e:  # noqa: BLE001 - reported to the test, which decides
+            result = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        conn.send_bytes(json.dumps(result).encode())
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RankPool:
+    """`world` local processes joined in one gloo group, kept alive across cases."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+        context = mp.get_context("spawn")
+        port = free_port()
+        self.conns, self.procs = [], []
+        for rank in range(world):
+            parent, child = context.Pipe()
+            proc = context.Process(target=_worker, args=(rank, world, port, child), daemon=True)
+            proc.start()
+            self.conns.append(parent)
+            self.procs.append(proc)
+
+    def run(self, cases: list[dict[str, Any]], timeout: float = 600.0) -> list[dict[str, Any]]:
+        """Rank 0's result for each case (every rank's error, when any rank failed)."""
+        results = []
+        for case in cases:
+            for conn in self.conns:
+                conn.send_bytes(json.dumps(case).encode())
+            answers = []
+            for rank, conn in enumerate(self.conns):
+                if not conn.poll(timeout):
+                    raise TimeoutError(f"rank {rank} gave no answer within {timeout} s for {case}")
+                answers.append(json.loads(conn.recv_bytes()))
+            errors = [a for a in answers if "error" in a]
+            results.append(errors[0] if errors else answers[0])
+        return results
+
+    def close(self) -> None:
+        for conn, proc in zip(self.conns, self.procs):
+            if proc.is_alive():
+                try:
+                    conn.send_bytes(b"stop")
+                except (BrokenPipeError, OSError):
+                    pass
+        for proc in self.procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+
+    def __enter__(self) -> RankPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def random_plan(model: str, world: int, seed: int, batch: int = 8, dtype: str = "float32") -> str:
+    """A random valid plan (JSON) for a zoo model on `world` local ranks: a random candidate mesh,
+    a random strategy for every unit. What the runtime must run exactly like any planned one."""
+    import random
+
+    import autopar
+    from autopar import models
+    from autopar.assemble import fingerprint, stage
+    from autopar.passes.ilp import ShardingSolution, evaluate
+    from autopar.passes.sharding import build_problem
+    from autopar.plan import Plan, Schedule, SearchReport
+    from autopar.vocab import candidate_meshes
+
+    rng = random.Random(seed)
+    entry = models.get(model)
+    case = {**DEFAULTS, "model": model, "batch": batch, "dtype": dtype}
+    net = entry.build(device="meta", dtype=getattr(torch, dtype))
+    inputs, target = _batch(entry, case, 0)
+    graph = autopar.capture(net, tuple(x.to("meta") for x in inputs), loss_fn=entry.loss_fn, target=target.to("meta"))
+    cluster = autopar.Cluster.preset("cpu", gpus_per_node=world)
+    mesh = rng.choice(candidate_meshes(cluster))
+    problem = build_problem(graph, mesh, cluster)
+    choice = {u: rng.randrange(len(s)) for u, s in problem.strategies.items()}
+    step_time, memory = evaluate(problem, choice)
+    solution = ShardingSolution(choice=choice, step_time=step_time, memory=memory, status="random", gap=0.0,
+                                seconds=0.0, variables=0, constraints=0, solver="random")
+    one, collectives = stage(problem, solution)
+    plan = Plan(model=model, fingerprint=fingerprint(graph), strategy="auto", precision="fp32", optimizer="adamw",
+                cluster=cluster, stages=(one,), schedule=Schedule(), cost=one.cost, collectives=tuple(collectives),
+                search=SearchReport(solver="random", status="random", gap=0.0, variables=0, constraints=0, seconds=0.0))
+    return plan.to_json()
+
+
+def first_difference(compiled, model: torch.nn.Module, inputs: tuple, target, rtol: float = 1e-6) -> str | None:
+    """Run one forward on every rank and on one device (`model`, same weights); the first node (in
+    graph order) whose value, gathered whole, differs, with its placements. Collective: call on
+    every rank; rank 0 gets the report (None when every node agrees)."""
+    import torch.fx as fx
+    from torch.distributed.tensor import Replicate
+
+    from autopar.runtime.collectives import transform
+    from autopar.vocab import fmt
+
+    program = compiled.captured.program
+    flat = [x.to(compiled.world.device) for x in torch.utils._pytree.tree_leaves((inputs, target))]
+    local_values: dict[str, torch.Tensor] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            local_values[n.name] = out
+            return out
+
+    args = [compiled.holders[n].leaf for n in compiled.layout.params] + [
+        compiled._buffers[n] for n in compiled.layout.buffers] + compiled._locals(flat)
+    with torch.no_grad():
+        Recorder(compiled.program).run(*args)
+        reference_values: dict[str, torch.Tensor] = {}
+
+        class Reference(fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                reference_values[n.name] = out
+                return out
+
+        state = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+        sig = program.graph_signature
+        order = []
+        for spec in sig.input_specs:
+            if spec.target is not None:
+                order.append(state.get(spec.target.removeprefix("model."), program.constants.get(spec.target)))
+        order += [x.cpu() for x in flat]
+        Reference(program.graph_module).run(*order)
+    report = None
+    for node in program.graph.nodes:
+        if node.name not in compiled.layout.values or node.name not in reference_values:
+            continue
+        lowered, placed = compiled.layout.values[node.name]
+        value = local_values.get(lowered)
+        if not isinstance(value, torch.Tensor):
+            continue
+        whole = transform(value.detach(), placed, tuple(Replicate() for _ in placed), compiled.world).cpu()
+        expected = reference_values[node.name]
+        if report is None and (whole.shape != expected.shape or not torch.allclose(
+                whole.double(), expected.double(), rtol=rtol, atol=rtol * (expected.abs().max().item() + 1e-30))):
+            plan = compiled.plan.stages[0].nodes.get(node.name)
+            detail = (f" inputs {[fmt(p) for p in plan.inputs]} outputs {[fmt(p) for p in plan.outputs]} kinds "
+                      f"{plan.kinds}" if plan else "")
+            report = (f"{node.format_node()}\n  placed {fmt(placed)}{detail}\n  max diff "
+                      f"{(whole.double() - expected.double()).abs().max().item() if whole.shape == expected.shape else 'shape ' + str(tuple(whole.shape))}")
+    return report

@@ -1,0 +1,166 @@
+"""A compiled model: the lowered program on this rank, its parameters, optimizer and I/O.
+
+Takes what `autopar.compile` prepared; gives `step` (forward, loss, backward, gradient
+synchronization and the optimizer step, as the plan says), forward-only calls, whole-tensor state
+dicts with the model's own keys, and per-rank dumps of the lowered program.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import Partial, Replicate
+from torch.utils import _pytree as pytree
+
+from autopar.graph import CapturedGraph
+from autopar.plan import Plan
+from autopar.runtime.collectives import transform
+from autopar.runtime.params import Holder, regather
+from autopar.runtime.world import World
+
+
+class CompiledModel:
+    def __init__(self, *, captured: CapturedGraph, plan: Plan, world: World, holders: dict[str, Holder],
+                 program: torch.fx.GraphModule, layout, buffers: dict[str, torch.Tensor],
+                 buffer_placements: dict[str, tuple], state_keys: list[str], optimizer_factory=None) -> None:
+        self.captured, self.plan, self.world, self.holders = captured, plan, world, holders
+        self.program, self.layout = program, layout
+        self._buffers, self._buffer_placements, self._state_keys = buffers, buffer_placements, state_keys
+        leaves = [holders[n].leaf for n in sorted(holders) if holders[n].leaf.requires_grad]
+        self.optimizer = optimizer_factory(leaves) if optimizer_factory is not None else None
+        self._inputs = [captured.program.graph.find_nodes(op="placeholder", target=n)[0].meta["val"]
+                        for n, _ in layout.inputs]
+
+    # -- running ----------------------------------------------------------------------------------
+
+    def parameters(self) -> list[nn.Parameter]:
+        """This rank's parameter leaves (what the optimizer updates)."""
+        return [self.holders[n].leaf for n in sorted(self.holders)]
+
+    def _locals(self, flat: list) -> list[torch.Tensor]:
+        if len(flat) != len(self._inputs):
+            raise ValueError(f"inputs: found {len(flat)} tensor(s), required {len(self._inputs)} as traced "
+                             f"(the model's inputs{', then the target' if self.captured.has_loss else ''})")
+        local = []
+        for i, (x, traced, (_, placed)) in enumerate(zip(flat, self._inputs, self.layout.inputs)):
+            if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(traced.shape) or x.dtype != traced.dtype:
+                found = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"input {i}: found {found}, required {tuple(traced.shape)} {traced.dtype} "
+                                 f"(the shape the plan was made for; plan again for other shapes)")
+            local.append(transform(x.to(self.world.device), tuple(Replicate() for _ in placed), placed, self.world))
+        return local
+
+    def _run(self, flat: list, grad: bool):
+        args = [self.holders[n].leaf for n in self.layout.params] + [self._buffers[n] for n in self.layout.buffers]
+        args += self._locals(flat)
+        with torch.set_grad_enabled(grad), regather():
+            try:
+                return self.program(*args)
+            except RuntimeError as e:
+                if "autopar" in type(e).__module__:
+                    raise
+                raise self.world.failure("running the forward pass", e) from e
+
+    def step(self, *inputs, target=None) -> torch.Tensor:
+        """One training step on the whole batch (every rank passes the same batch); returns the loss."""
+        if not self.captured.has_loss:
+            raise ValueError("step: found a model compiled without loss_fn, required one (compile with loss_fn=)")
+        if target is None:
+            raise ValueError("step: found no target, required target=<the batch's targets>")
+        if self.optimizer is None:
+            raise ValueError("step: found no optimizer, required compile(..., optimizer=lambda ps: ...)")
+        self.optimizer.zero_grad(set_to_none=True)
+        outputs = self._run(pytree.tree_leaves((inputs, target)), grad=True)
+        loss, placed = outputs[0], self.layout.outputs[0][1]
+        scale = math.prod(1 / self.world.axis_size(a) for a, p in enumerate(placed)
+                          if isinstance(p, Partial) and p.reduce_op == "avg")
+        try:
+            loss.backward(torch.full_like(loss, scale))
+        except RuntimeError as e:
+            raise self.world.failure("running the backward pass", e) from e
+        self.optimizer.step()
+        for holder in self.holders.values():
+            holder.refresh()
+        return transform(loss.detach(), placed, tuple(Replicate() for _ in placed), self.world)
+
+    def __call__(self, *inputs):
+        """Forward only: the model's output, whole on every rank."""
+        flat = pytree.tree_leaves(inputs)
+        if self.captured.has_loss:  # the loss is part of the program: feed it a placeholder target
+            traced = self._inputs[len(flat):]
+            flat += [torch.zeros(t.shape, dtype=t.dtype) for t in traced]
+        outputs = self._run(flat, grad=False)
+        start = 1 if self.captured.has_loss else 0
+        whole = [transform(v, placed, tuple(Replicate() for _ in placed), self.world)
+                 for v, (_, placed) in zip(outputs[start:], self.layout.outputs[start:])]
+        spec = self.captured.program.call_spec.out_spec
+        if self.captured.has_loss:
+            return pytree.tree_unflatten([None] + whole, spec)[1]
+        return pytree.tree_unflatten(whole, spec)
+
+    # -- state --------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Whole tensors, on every rank, with the keys of the model's own state_dict."""
+        out = {}
+        for key in self._state_keys:
+            holder = self._holder(key)
+            if holder is not None:
+                out[key] = holder.full().cpu()
+            elif key in self._buffer_placements:
+                placed = self._buffer_placements[key]
+                mine = transform(self._buffers[self._buffer_name(key)], _whole(placed), placed, self.world)
+                out[key] = transform(mine, placed, _whole(placed), self.world).cpu().clone()
+            elif self._buffer_name(key) is not None:
+                out[key] = self._buffers[self._buffer_name(key)].cpu().clone()
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = [k for k in self._state_keys if k not in state]
+        if missing:
+            raise ValueError(f"state_dict: missing key(s) {missing[:5]}{' …' if len(missing) > 5 else ''}")
+        for key in self._state_keys:
+            holder = self._holder(key)
+            if holder is not None:
+                holder.load(state[key])
+            elif self._buffer_name(key) is not None:
+                with torch.no_grad():
+                    self._buffers[self._buffer_name(key)].copy_(state[key])
+
+    def _holder(self, key: str) -> Holder | None:
+        if key in self.holders:
+            return self.holders[key]
+        info = self.captured.params.get(key)
+        return next((self.holders[t] for t in info.tied if t in self.holders), None) if info else None
+
+    def _buffer_name(self, key: str) -> str | None:
+        return self._buffer_keys().get(key)
+
+    def _buffer_keys(self) -> dict[str, str]:
+        spec = self.captured.program.graph_signature
+        return {fqn.removeprefix("model."): name for name, fqn in spec.inputs_to_buffers.items()}
+
+    # -- inspection ---------------------------------------------------------------------------------
+
+    def dump(self, directory: str | os.PathLike) -> Path:
+        """This rank's lowered program, as text: every collective an explicit module call."""
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        lines = [f"# rank {self.world.rank} of {self.world.size}, mesh coordinate {self.world.coordinate}",
+                 "# modules (collectives and kernels):"]
+        lines += [f"#   {name}: {type(m).__name__}({m.extra_repr()})" for name, m in self.program.named_children()]
+        lines.append(self.program.print_readable(print_output=False))
+        out = path / f"rank{self.world.rank}.txt"
+        out.write_text("\n".join(lines) + "\n")
+        return out
+
+    def close(self) -> None:
+        self.world.close()
+
+
+def _whole(placed: tuple) -> tuple:
+    return tuple(Replicate() for _ in placed)

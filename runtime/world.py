@@ -1,0 +1,140 @@
+"""The distributed world a compiled model runs in: the process group, the mesh, and who is alive.
+
+Takes the torchrun environment (or an already initialized process group) and a plan's
+`LogicalMesh`; gives a `World`: this rank, its device, its coordinate on the mesh, and one process
+group per mesh axis (from `torch.distributed.device_mesh`, so groups are PyTorch's own).
+
+Failures: every rank keeps a heartbeat in the process group's store. When a collective fails or
+times out, the ranks whose heartbeat stopped are named in the `RankFailure` raised, so a dead
+rank makes the others exit with a clear message rather than hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from autopar.errors import AutoparError
+from autopar.vocab import LogicalMesh
+
+logger = logging.getLogger(__name__)
+DEFAULT_TIMEOUT = 300.0
+_BEAT = 0.5  # seconds between heartbeats
+
+
+class RankFailure(AutoparError):
+    """Another rank stopped: names it, what this rank was doing, and the underlying error."""
+
+
+def init_from_env(timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Initialize the default process group from torchrun's environment, if there is one and no
+    group exists yet: NCCL when CUDA is available, gloo otherwise."""
+    if not dist.is_available() or dist.is_initialized() or "WORLD_SIZE" not in os.environ:
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+
+
+@dataclass
+class World:
+    rank: int
+    size: int
+    device: torch.device
+    mesh: LogicalMesh
+    coordinate: tuple[int, ...]
+    groups: list
+    """One process group per mesh axis (None in a one-process world)."""
+    timeout: float = DEFAULT_TIMEOUT
+    _heart: threading.Thread | None = field(default=None, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @classmethod
+    def create(cls, mesh: LogicalMesh, timeout: float = DEFAULT_TIMEOUT) -> World:
+        init_from_env(timeout)
+        initialized = dist.is_available() and dist.is_initialized()
+        size = dist.get_world_size() if initialized else 1
+        if size != mesh.size:
+            raise ValueError(f"world size: found {size} process(es), required {mesh.size} (the plan's devices, "
+                             f"mesh {'×'.join(map(str, mesh.shape))}); launch with --nproc {mesh.size} or re-plan")
+        rank = dist.get_rank() if initialized else 0
+        device = _device(initialized)
+        groups: list = [None] * mesh.ndim
+        if size > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            device_mesh = init_device_mesh(device.type, mesh.shape)
+            groups = [device_mesh.get_group(a) for a in range(mesh.ndim)]
+        world = cls(rank=rank, size=size, device=device, mesh=mesh, coordinate=mesh.coordinate(rank), groups=groups,
+                    timeout=timeout)
+        world._start_heartbeat()
+        return world
+
+    def axis_rank(self, axis: int) -> int:
+        return self.coordinate[axis]
+
+    def axis_size(self, axis: int) -> int:
+        return self.mesh.shape[axis]
+
+    # -- failures ---------------------------------------------------------------------------------
+
+    def _store(self):
+        if self.size == 1:
+            return None
+        return dist.distributed_c10d._get_default_store()
+
+    def _start_heartbeat(self) -> None:
+        store = self._store()
+        if store is None:
+            return
+
+        def beat() -> None:
+            while not self._stop.wait(_BEAT):
+                try:
+                    store.set(f"autopar/heartbeat/{self.rank}", repr(time.time()))
+                except Exception:  # noqa: BLE001 - the store's owner is gone: nothing to report to
+                    return
+
+        store.set(f"autopar/heartbeat/{self.rank}", repr(time.time()))
+        self._heart = threading.Thread(target=beat, name="autopar-heartbeat", daemon=True)
+        self._heart.start()
+
+    def silent_ranks(self, older_than: float = 4 * _BEAT) -> list[int]:
+        """Ranks whose heartbeat is older than `older_than` seconds (or that never beat)."""
+        store = self._store()
+        if store is None:
+            return []
+        now, silent = time.time(), []
+        for r in range(self.size):
+            try:
+                last = float(store.get(f"autopar/heartbeat/{r}").decode()) if store.check(
+                    [f"autopar/heartbeat/{r}"]) else 0.0
+            except Exception:  # noqa: BLE001 - an unreachable store says as much as a silent rank
+                return [r for r in range(self.size) if r != self.rank]
+            if now - last > older_than:
+                silent.append(r)
+        return silent
+
+    def failure(self, doing: str, error: BaseException) -> RankFailure:
+        time.sleep(4 * _BEAT)  # let a dying rank's heartbeat go stale before reading them
+        silent = [r for r in self.silent_ranks() if r != self.rank]
+        who = f"rank(s) {', '.join(map(str, silent))} stopped" if silent else "a collective failed"
+        return RankFailure(f"rank {self.rank}: {who} while {doing}: {type(error).__name__}: "
+                           f"{str(error).splitlines()[0] if str(error) else ''}")
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def _device(initialized: bool) -> torch.device:
+    if torch.cuda.is_available() and (not initialized or dist.get_backend() == "nccl"):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return torch.device("cpu")
