@@ -1,6 +1,7 @@
 """The `autopar` command line. Each subcommand prints; the library underneath does not.
 
     autopar estimate --model gpt3-175b --precision mixed --optimizer adam
+    autopar run --model gpt-tiny --nproc 4 --steps 20 --strategy auto
     autopar models
     autopar clusters [--show h100 --nodes 2 --json > cluster.json]
     autopar plan --model gpt3-1.3b --cluster h100 --nodes 2 --batch-size 16 --out plan.json
@@ -88,6 +89,14 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from autopar.runtime.launch import launch
+
+    return launch(nproc=args.nproc, model=args.model, script=args.script, script_args=args.script_args,
+                  steps=args.steps, strategy=args.strategy, batch_size=args.batch_size, lr=args.lr,
+                  timeout=args.timeout)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from autopar import bench
 
@@ -141,6 +150,23 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_args(p)
     p.set_defaults(run=_plan)
 
+    p = sub.add_parser("run", help="train a zoo model (or run a script) on local ranks under torchrun",
+                       description="Launch torchrun on this machine. With --model, every rank compiles the zoo "
+                                   "model with --strategy and trains it on synthetic batches, printing losses and "
+                                   "step times; with a script, torchrun runs it (arguments after -- go to it).")
+    p.add_argument("script", nargs="?", default=None,
+                   help="a Python script to run on every rank; its own arguments go after --")
+    p.add_argument("--model", default=None, help="a zoo model (see `autopar models`)")
+    p.add_argument("--nproc", type=int, default=2, help="processes (devices) on this machine (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=10, help="training steps (default: %(default)s)")
+    p.add_argument("--strategy", default="auto", choices=["auto", "dp", "zero1", "zero2", "fsdp", "tp", "dp+tp", "sp"],
+                   help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds a collective waits for a missing rank (default: %(default)s)")
+    p.set_defaults(run=_run)
+
     p = sub.add_parser("models", help="list the model zoo", description="The zoo's models, with descriptions.")
     p.add_argument("--count", action="store_true", help="also count parameters (builds each model on meta)")
     p.set_defaults(run=_models)
@@ -168,7 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGPIPE"):  # `autopar plan ... | head` ends quietly, like any Unix tool
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script_args = []
+    if "--" in argv:  # `autopar run script.py --nproc 2 -- --lr 3e-4`: what follows -- is the script's
+        cut = argv.index("--")
+        argv, script_args = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    args.script_args = script_args
     try:
         return args.run(args)
     except (ValueError, AutoparError, OSError) as e:

@@ -85,16 +85,20 @@ def make(name: str, *, nodes: int = 1, devices_per_node: int | None = None) -> C
 
 
 def local() -> Cluster:
-    """The running torch.distributed world, or one device when no process group is initialized.
+    """The running torch.distributed world, or one device in a plain process.
 
-    Nodes are WORLD_SIZE / LOCAL_WORLD_SIZE (torchrun sets both); the device is this process's GPU
-    when CUDA is available, else a CPU rank.
+    Under torchrun with no process group yet, initializes it first (NCCL when CUDA is available,
+    gloo otherwise). Nodes are WORLD_SIZE / LOCAL_WORLD_SIZE (torchrun sets both); the device is
+    this process's GPU when CUDA is available, else a CPU rank.
     """
     import dataclasses
 
     import torch
     import torch.distributed as dist
 
+    from autopar.runtime.world import init_from_env
+
+    init_from_env()
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if world > 1 else 1
     if per_node <= 0 or world % per_node:

@@ -78,7 +78,11 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
                                strategy=case["strategy"], timeout=case["timeout"])
     try:
         losses = []
+        crash = case.get("crash")  # {"rank": r, "step": k}: that rank dies as step k begins
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         for step in range(case["steps"]):
+            if crash and crash["rank"] == rank and crash["step"] == step:
+                os._exit(17)
             inputs, target = _batch(entry, case, step)
             losses.append(compiled.step(*inputs, target=target).item())
         state = compiled.state_dict()
@@ -88,7 +92,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         compiled.close()
 
 
-def _worker(rank: int, world: int, port: int, conn) -> None:
+def _worker(rank: int, world: int, port: int, conn, timeout: float = 120.0) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
@@ -97,19 +101,67 @@ def _worker(rank: int, world: int, port: int, conn) -> None:
     import torch.distributed as dist
 
     if world > 1:
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
     while True:
         message = conn.recv_bytes()
         if message == b"stop":
             break
         case = json.loads(message)
         try:
-            result = run_case(case)
+            result = _call(case) if "call" in case else run_case(case)
         except BaseException as e:  # noqa: BLE001 - reported to the test, which decides
             result = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         conn.send_bytes(json.dumps(result).encode())
     if world > 1:
         dist.destroy_process_group()
+
+
+def _call(case: dict[str, Any]) -> Any:
+    """Run `module:function` (a check written for many ranks) with the case's keyword arguments."""
+    import importlib
+
+    module, name = case["call"].split(":")
+    return getattr(importlib.import_module(module), name)(**case.get("kwargs", {}))
+
+
+def check_transforms() -> list[str]:
+    """Every placement change of a (8, 4, 4) tensor on a 2×2 mesh against slicing by hand (outer
+    axis first) and, for partial targets, the sum back: the failures, empty when all hold."""
+    import itertools
+
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    from autopar.runtime.collectives import transform
+    from autopar.runtime.world import World
+    from autopar.vocab import P, P_AVG, R, S, LogicalMesh, fmt
+
+    world = World.create(LogicalMesh(shape=(2, 2), devices=(0, 1, 2, 3)))
+    whole = torch.arange(8 * 4 * 4, dtype=torch.float64).reshape(8, 4, 4)
+
+    def shard(placements):
+        x = whole.clone()
+        for a, p in enumerate(placements):
+            if isinstance(p, Shard):
+                x = x.chunk(2, p.dim)[world.coordinate[a]]
+        for a, p in enumerate(placements):  # a partial: uneven pieces that still sum (or average) back
+            if isinstance(p, Partial):
+                first = world.coordinate[a] == 0
+                x = x * ((0.25 if first else 0.75) if p.reduce_op == "sum" else (0.5 if first else 1.5))
+        return x
+
+    failures = []
+    options = [R, P, P_AVG, S(0), S(1), S(2)]
+    for src in itertools.product(options, repeat=2):
+        for dst in itertools.product(options, repeat=2):
+            got = transform(shard(src), src, dst, world)
+            if any(isinstance(p, Partial) for p in dst):
+                got, want = transform(got, dst, (Replicate(), Replicate()), world), whole
+            else:
+                want = shard(dst)
+            if got.shape != want.shape or not torch.allclose(got, want):
+                failures.append(f"{fmt(src)} -> {fmt(dst)}")
+    world.close()
+    return failures
 
 
 def free_port() -> int:
@@ -121,14 +173,15 @@ def free_port() -> int:
 class RankPool:
     """`world` local processes joined in one gloo group, kept alive across cases."""
 
-    def __init__(self, world: int) -> None:
+    def __init__(self, world: int, timeout: float = 120.0) -> None:
+        """`timeout`: seconds a collective waits for a missing rank before failing."""
         self.world = world
         context = mp.get_context("spawn")
         port = free_port()
         self.conns, self.procs = [], []
         for rank in range(world):
             parent, child = context.Pipe()
-            proc = context.Process(target=_worker, args=(rank, world, port, child), daemon=True)
+            proc = context.Process(target=_worker, args=(rank, world, port, child, timeout), daemon=True)
             proc.start()
             self.conns.append(parent)
             self.procs.append(proc)
@@ -141,11 +194,14 @@ class RankPool:
                 conn.send_bytes(json.dumps(case).encode())
             answers = []
             for rank, conn in enumerate(self.conns):
-                if not conn.poll(timeout):
-                    raise TimeoutError(f"rank {rank} gave no answer within {timeout} s for {case}")
-                answers.append(json.loads(conn.recv_bytes()))
+                try:
+                    if not conn.poll(timeout):
+                        raise TimeoutError(f"rank {rank} gave no answer within {timeout} s for {case}")
+                    answers.append(json.loads(conn.recv_bytes()))
+                except (EOFError, ConnectionResetError):
+                    answers.append({"error": f"rank {rank} exited (code {self.procs[rank].exitcode})", "rank": rank})
             errors = [a for a in answers if "error" in a]
-            results.append(errors[0] if errors else answers[0])
+            results.append({**errors[0], "errors": [a["error"] for a in errors]} if errors else answers[0])
         return results
 
     def close(self) -> None:
@@ -258,3 +314,77 @@ def first_difference(compiled, model: torch.nn.Module, inputs: tuple, target, rt
             report = (f"{node.format_node()}\n  placed {fmt(placed)}{detail}\n  max diff "
                       f"{(whole.double() - expected.double()).abs().max().item() if whole.shape == expected.shape else 'shape ' + str(tuple(whole.shape))}")
     return report
+
+
+def squeezed_plan(model: str, world: int, dtype: str = "float32") -> str:
+    """The `auto` plan (JSON) for a zoo model on `world` local ranks when each rank may hold only part
+    of what the all-replicated plan needs (half, or as little as fits): tiny models then get sharded
+    plans too, instead of the replicated one their size makes cheapest."""
+    import autopar
+    from autopar import models
+    from autopar.errors import InfeasibleError
+    from autopar.planner import plan_graph
+
+    entry = models.get(model)
+    case = {**DEFAULTS, "model": model, "dtype": dtype}
+    net = entry.build(device="meta", dtype=getattr(torch, dtype))
+    inputs, target = _batch(entry, case, 0)
+    graph = autopar.capture(net, tuple(x.to("meta") for x in inputs), loss_fn=entry.loss_fn, target=target.to("meta"))
+    cluster = autopar.Cluster.preset("cpu", gpus_per_node=world)
+    replicated = plan_graph(graph, cluster, model_name=model).cost.peak_memory
+    for fraction in (0.5, 0.7, 0.85, 1.0):
+        try:
+            return plan_graph(graph, cluster, model_name=model, memory_budget=replicated * fraction).to_json()
+        except InfeasibleError:
+            continue
+    raise AssertionError(f"{model} on {world} ranks: no plan within its replicated memory")
+
+
+def check_runtime(strategy: str, dump: str) -> dict[str, Any]:
+    """State dict, forward-only call and dump of a compiled gpt-tiny, on every rank: what differs
+    from the single-device model (empty lists when nothing does) and the dump's path."""
+    import autopar
+    from autopar import models
+
+    entry = models.get("gpt-tiny")
+    model = entry.build(seed=0)
+    inputs, target = entry.example_batch(8)
+    compiled = autopar.compile(model, autopar.Cluster.local(), example_inputs=inputs, loss_fn=entry.loss_fn,
+                               target=target, optimizer=lambda ps: torch.optim.AdamW(ps), strategy=strategy)
+    try:
+        expected = model.state_dict()
+        state = compiled.state_dict()
+        differs = [k for k in expected if k not in state or not torch.equal(state[k], expected[k])]
+        extra = sorted(set(state) - set(expected))
+        output = compiled(*inputs)
+        forward = [] if torch.allclose(output, model(*inputs), rtol=1e-5, atol=1e-6) else ["output"]
+        changed = {k: v + 1.0 if v.is_floating_point() else v for k, v in expected.items()}
+        compiled.load_state_dict(changed)
+        reloaded = compiled.state_dict()
+        loads = [k for k in changed if not torch.allclose(reloaded[k], changed[k])]
+        path = compiled.dump(dump)
+        return {"state": differs, "extra": extra, "forward": forward, "load": loads, "dump": str(path)}
+    finally:
+        compiled.close()
+
+
+def check_memory(strategy: str) -> dict[str, int]:
+    """Element counts this rank holds after one step of gpt-tiny under `strategy`: the parameter
+    leaves, the optimizer's state, and ZeRO's whole copies; and the model's total."""
+    import autopar
+    from autopar import models
+
+    entry = models.get("gpt-tiny")
+    model = entry.build(seed=0)
+    inputs, target = entry.example_batch(8)
+    compiled = autopar.compile(model, autopar.Cluster.local(), example_inputs=inputs, loss_fn=entry.loss_fn,
+                               target=target, optimizer=lambda ps: torch.optim.AdamW(ps), strategy=strategy)
+    try:
+        compiled.step(*inputs, target=target)
+        state = compiled.optimizer.state.values()
+        return {"leaves": sum(p.numel() for p in compiled.parameters()),
+                "optimizer": sum(t.numel() for s in state for t in s.values() if torch.is_tensor(t) and t.dim()),
+                "copies": sum(h.cache.numel() for h in compiled.holders.values() if h.cache is not None),
+                "model": sum(p.numel() for p in model.parameters())}
+    finally:
+        compiled.close()

@@ -12,7 +12,7 @@ steps, which the runtime executes (`runtime.collectives.transform`) and the cost
 | P → S(d)       | reduce_scatter   | reduce-scatter                   | the local size before     |
 | R → S(d)       | cut              | none (keep this rank's chunk)    |                           |
 | R → P          | zero             | none (zeros but on the first rank) |                         |
-| S(d) → P       | pad              | none (this rank's chunk in zeros) |                          |
+| S(d) → P       | pad              | none (this rank's chunk in zeros; times the group size for P(avg)) |  |
 | P ↔ P(avg)     | scale            | none (times or over the group size) |                        |
 
 A dim cut on several axes is cut outer axis first (DTensor's order). So gathers run innermost axis
@@ -48,7 +48,8 @@ class Step:
 def _to_gather(cur: list, dst: Placements) -> set[int]:
     n = len(cur)
     found = {a for a in range(n) if isinstance(cur[a], Shard) and (
-        dst[a] != cur[a] or any(dst[b] == cur[a] and cur[b] != cur[a] for b in range(a)))}
+        (dst[a] != cur[a] and not _padded(cur, dst, a))
+        or any(dst[b] == cur[a] and cur[b] != cur[a] for b in range(a)))}
     grew = True
     while grew:
         grew = False
@@ -57,6 +58,12 @@ def _to_gather(cur: list, dst: Placements) -> set[int]:
                 found.add(a)
                 grew = True
     return found
+
+
+def _padded(cur: list, dst: Placements, a: int) -> bool:
+    """S(d) → P by zero padding: only when no other axis cuts d (its pieces would interleave)."""
+    return isinstance(dst[a], Partial) and not any(
+        isinstance(p, Shard) and p.dim == cur[a].dim for b in range(len(cur)) if b != a for p in (cur[b], dst[b]))
 
 
 def _alone(cur: list, dst: Placements, a: int) -> bool:
@@ -96,7 +103,7 @@ def steps(src: Placements, dst: Placements) -> list[Step]:
         elif isinstance(cur[a], Partial):
             out.append(Step("scale", a, op=dst[a].reduce_op))
         elif isinstance(cur[a], Shard):
-            out.append(Step("pad", a, dim=cur[a].dim))
+            out.append(Step("pad", a, dim=cur[a].dim, op=dst[a].reduce_op))
         else:
             out.append(Step("zero", a, op=dst[a].reduce_op))
         cur[a] = dst[a]
@@ -156,4 +163,4 @@ def _after(step: Step, before):
         return Shard(step.dim)
     if step.kind in ("all_gather", "all_reduce"):
         return Replicate()
-    return Partial(step.op) if step.kind in ("zero", "scale") else Partial()
+    return Partial(step.op)

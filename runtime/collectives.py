@@ -18,8 +18,8 @@ import torch.nn as nn
 from torch.distributed.tensor import Partial, Replicate, Shard
 
 from autopar.units import fmt_bytes
-from autopar.passes.reshard import steps
-from autopar.vocab import Placements, fmt
+from autopar.passes.reshard import COMMUNICATING, _after, steps
+from autopar.vocab import Placements, fmt, shard_count
 from autopar.runtime.world import World
 
 
@@ -80,7 +80,7 @@ def transform(x: torch.Tensor, src: Placements, dst: Placements, world: World) -
         elif step.kind == "cut":
             x = x.chunk(world.axis_size(a), dim=step.dim)[world.axis_rank(a)]
         elif step.kind == "pad":
-            x = _pad(x, step.dim, world, a)
+            x = _pad(x, step.dim, world, a) * (world.axis_size(a) if step.op == "avg" else 1)
         elif step.kind == "scale":  # P(sum) ↔ P(avg)
             x = x * world.axis_size(a) if step.op == "avg" else x / world.axis_size(a)
         elif step.op == "sum" and world.axis_rank(a) != 0:  # zero: R → P(sum)
@@ -98,6 +98,8 @@ class ReshardSpec:
     """The placement the producer expects its gradient in."""
     nbytes: float = 0.0
     """The whole tensor's size, for the dump."""
+    label: str = ""
+    """What moves (a node or parameter name), for the dump."""
 
 
 class _Reshard(torch.autograd.Function):
@@ -131,9 +133,21 @@ class Reshard(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.spec
-        text = f"forward {fmt(s.src)} → {fmt(s.dst)}"
+        text = f"{s.label + ' ' if s.label else ''}{fmt(s.src)} → {fmt(s.dst)}: {self._describe(s.src, s.dst)}"
         if s.grad_in is not None and s.grad_in != s.grad_out:
-            text += f", backward {fmt(s.grad_in)} → {fmt(s.grad_out)}"
-        return text + f", {fmt_bytes(s.nbytes)}, groups " + "; ".join(
-            f"axis {a}: ranks {list(self.world.mesh.group(a, of=self.world.rank))}" for a in range(len(s.src))
-            if s.src[a] != s.dst[a] or (s.grad_in is not None and s.grad_in[a] != s.grad_out[a]))
+            text += f"; backward {fmt(s.grad_in)} → {fmt(s.grad_out)}: {self._describe(s.grad_in, s.grad_out)}"
+        return text
+
+    def _describe(self, src: Placements, dst: Placements) -> str:
+        """Each step: a collective with its group and bytes, or the local change."""
+        parts, current = [], list(src)
+        for step in steps(src, dst):
+            group = list(self.world.mesh.group(step.axis, of=self.world.rank))
+            if step.kind in COMMUNICATING:
+                local = self.spec.nbytes / shard_count(current, self.world.mesh.shape)
+                n = local * len(group) if step.kind == "all_gather" else local
+                parts.append(f"{step.kind}(axis {step.axis}, ranks {group}, {fmt_bytes(n)})")
+            else:
+                parts.append(f"{step.kind}(axis {step.axis}, local)")
+            current[step.axis] = _after(step, current[step.axis])
+        return ", ".join(parts) or "no change"

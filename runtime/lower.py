@@ -106,7 +106,7 @@ class _Builder:
             holder = self.holders.get(name) or self.holders[_tied(self.captured, name, self.holders)]
             leaf = self.graph.placeholder(f"p_{len(layout.params)}")
             layout.params.append(holder.name)
-            value = self._module(holder.gather, "gather", leaf)
+            value = self._module(holder.gather, "gather", leaf) if holder.gather is not None else leaf
             self.env[node.name] = (value, (holder.plan.use,))
         elif node.name in self.roles.inputs:
             placed = self.stage.nodes[node.name].outputs[0]
@@ -173,7 +173,7 @@ class _Builder:
             grad_out = normalized(have)
         spec = ReshardSpec(src=have, dst=needed, grad_in=grad_in if flows else None,
                            grad_out=grad_out if flows else None, nbytes=info.output.nbytes if info and info.output
-                           else 0.0)
+                           else 0.0, label=self.roles.params.get(arg.name, arg.name))
         if have == needed and (not flows or grad_in == grad_out):
             return local
         key = (arg.name, spec)

@@ -156,8 +156,10 @@ def make_holder(name: str, plan: ParamPlan, full: torch.Tensor, raw: Placements,
         holder.gather = ZeroGather(holder)
     else:  # 0: identity forward, all-reduce backward; 3: all-gather forward, reduce-scatter backward
         grad_in = raw if requires_grad else None
+        if plan.level == 0 and (grad_in is None or grad_in == plan.storage):
+            return holder  # used as stored, gradient already whole: no node at all
         gather = Reshard(ReshardSpec(src=plan.storage, dst=plan.use, grad_in=grad_in,
                                      grad_out=plan.storage if requires_grad else None,
-                                     nbytes=full.numel() * full.element_size()), world)
+                                     nbytes=full.numel() * full.element_size(), label=name), world)
         holder.gather = FsdpGather(holder, gather) if plan.level == 3 else gather
     return holder
