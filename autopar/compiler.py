@@ -32,6 +32,7 @@ from autopar.plan import Plan
 from autopar.passes.rules import tensor_args
 from autopar.passes.strategies import NodeSharding, grads_of
 from autopar.runtime.compiled import CompiledModel
+from autopar.runtime.groups import ParamGroup, form_groups
 from autopar.runtime.lower import lower
 from autopar.runtime.params import make_holder
 from autopar.runtime.world import DEFAULT_TIMEOUT, World, init_from_env
@@ -64,10 +65,12 @@ def compile(model: nn.Module, cluster: Cluster | None = None, *, example_inputs:
     for name, param_plan in stage.params.items():
         full = _from_rank_zero(state[name], world)
         holders[name] = make_holder(name, param_plan, full, _raw_grad(captured, stage, name), state[name].requires_grad,
-                                    world)
+                                    world, bucketed=world.size > 1)
+    groups = _groups(captured, stage, holders, world)
     buffers, buffer_placements = _buffers(captured, stage, state, world)
     program, layout = lower(captured, stage, world, holders)  # 6
-    return CompiledModel(captured=captured, plan=plan, world=world, holders=holders, program=program, layout=layout,
+    return CompiledModel(captured=captured, plan=plan, world=world, holders=holders, groups=groups, program=program,
+                         layout=layout,
                          buffers=buffers, buffer_placements=buffer_placements, state_keys=list(model.state_dict()),
                          optimizer_factory=optimizer)
 
@@ -128,6 +131,22 @@ def _raw_grad(captured: CapturedGraph, stage, name: str):
     node, j = _first_use(captured, stage, captured.params[name].placeholder)
     plan = stage.nodes[node.name]
     return grads_of(NodeSharding(inputs=plan.inputs, outputs=plan.outputs))[j]
+
+
+def _groups(captured: CapturedGraph, stage, holders: dict, world: World) -> list[ParamGroup]:
+    """Sharded-storage parameters gathered and reduced together, one group per layer of first use
+    (parameters used before the first layer form one group, those after the last another)."""
+    order = {node.name: i for i, node in enumerate(captured.program.graph.nodes)}
+    starts = [order[layer.nodes[0]] for layer in captured.layers]
+    first = {name: _first_use(captured, stage, captured.params[name].placeholder)[0] for name in holders}
+    layer_of = {}
+    for name, node in first.items():
+        index = captured.nodes[node.name].layer
+        layer_of[name] = (captured.layers[index].name if index is not None else
+                          "the model" if not starts else
+                          "before the layers" if order[node.name] < starts[0] else "after the layers")
+    ordered = sorted(holders.values(), key=lambda h: order[first[h.name].name])
+    return form_groups(ordered, layer_of, world)
 
 
 def _buffers(captured: CapturedGraph, stage, state: dict, world: World):

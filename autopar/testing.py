@@ -13,6 +13,7 @@ dict. Messages are JSON over pipes; nothing is pickled. A case that raises comes
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 import os
 import socket
@@ -126,17 +127,30 @@ def _call(case: dict[str, Any]) -> Any:
 
 def check_transforms() -> list[str]:
     """Every placement change of a (8, 4, 4) tensor on a 2×2 mesh against slicing by hand (outer
-    axis first) and, for partial targets, the sum back: the failures, empty when all hold."""
+    axis first) and, for partial targets, the sum back; and its backward (`Reshard`): for the loss
+    sum(W ⊙ value), the gradient reaching each rank's piece is W's piece, over n on each axis the
+    piece is partial by average. The failures, empty when all hold."""
     import itertools
+    import math
 
     from torch.distributed.tensor import Partial, Replicate, Shard
 
-    from autopar.runtime.collectives import transform
+    from autopar.passes.strategies import normalized
+    from autopar.runtime.collectives import Reshard, ReshardSpec, transform
     from autopar.runtime.world import World
     from autopar.vocab import P, P_AVG, R, S, LogicalMesh, fmt
 
     world = World.create(LogicalMesh(shape=(2, 2), devices=(0, 1, 2, 3)))
     whole = torch.arange(8 * 4 * 4, dtype=torch.float64).reshape(8, 4, 4)
+    weight = torch.arange(8 * 4 * 4, dtype=torch.float64).reshape(8, 4, 4) % 7 - 3
+
+    def grad_of(placements):
+        """The gradient of sum(weight ⊙ value) with respect to this rank's piece of the value."""
+        x = weight.clone()
+        for a, p in enumerate(placements):
+            if isinstance(p, Shard):
+                x = x.chunk(2, p.dim)[world.coordinate[a]]
+        return x / math.prod(2 for p in placements if isinstance(p, Partial) and p.reduce_op == "avg")
 
     def shard(placements):
         x = whole.clone()
@@ -160,6 +174,11 @@ def check_transforms() -> list[str]:
                 want = shard(dst)
             if got.shape != want.shape or not torch.allclose(got, want):
                 failures.append(f"{fmt(src)} -> {fmt(dst)}")
+            x = shard(src).requires_grad_()
+            spec = ReshardSpec(src=src, dst=dst, grad_in=normalized(dst), grad_out=normalized(src))
+            Reshard(spec, world)(x).backward(grad_of(dst))
+            if not torch.allclose(x.grad, grad_of(src)):
+                failures.append(f"backward of {fmt(src)} -> {fmt(dst)}")
     world.close()
     return failures
 
@@ -276,8 +295,7 @@ def first_difference(compiled, model: torch.nn.Module, inputs: tuple, target, rt
             local_values[n.name] = out
             return out
 
-    args = [compiled.holders[n].leaf for n in compiled.layout.params] + [
-        compiled._buffers[n] for n in compiled.layout.buffers] + compiled._locals(flat)
+    args = compiled.program_args(flat)
     with torch.no_grad():
         Recorder(compiled.program).run(*args)
         reference_values: dict[str, torch.Tensor] = {}
@@ -298,8 +316,8 @@ def first_difference(compiled, model: torch.nn.Module, inputs: tuple, target, rt
         Reference(program.graph_module).run(*order)
     report = None
     for node in program.graph.nodes:
-        if node.name not in compiled.layout.values or node.name not in reference_values:
-            continue
+        if node.op == "placeholder" or node.name not in compiled.layout.values or node.name not in reference_values:
+            continue  # inputs are equal by construction (buffers may since have been updated in place)
         lowered, placed = compiled.layout.values[node.name]
         value = local_values.get(lowered)
         if not isinstance(value, torch.Tensor):
@@ -370,21 +388,30 @@ def check_runtime(strategy: str, dump: str) -> dict[str, Any]:
 
 def check_memory(strategy: str) -> dict[str, int]:
     """Element counts this rank holds after one step of gpt-tiny under `strategy`: the parameter
-    leaves, the optimizer's state, and ZeRO's whole copies; and the model's total."""
+    leaves, the optimizer's state, and ZeRO's whole copies; what the plan claims for each; and the
+    model's total."""
     import autopar
     from autopar import models
+    from autopar.vocab import shard_count
 
     entry = models.get("gpt-tiny")
     model = entry.build(seed=0)
     inputs, target = entry.example_batch(8)
     compiled = autopar.compile(model, autopar.Cluster.local(), example_inputs=inputs, loss_fn=entry.loss_fn,
                                target=target, optimizer=lambda ps: torch.optim.AdamW(ps), strategy=strategy)
+    holders, mesh = list(compiled.holders.values()), compiled.world.mesh.shape
     try:
         compiled.step(*inputs, target=target)
         state = compiled.optimizer.state.values()
         return {"leaves": sum(p.numel() for p in compiled.parameters()),
                 "optimizer": sum(t.numel() for s in state for t in s.values() if torch.is_tensor(t) and t.dim()),
                 "copies": sum(h.cache.numel() for h in compiled.holders.values() if h.cache is not None),
-                "model": sum(p.numel() for p in model.parameters())}
+                "model": sum(p.numel() for p in model.parameters()),
+                "claimed": {"leaves": sum(math.prod(h.plan.shape) // shard_count(h.leaf_placement, mesh)
+                                          for h in holders),
+                            "optimizer": 2 * sum(math.prod(h.plan.shape) // shard_count(h.leaf_placement, mesh)
+                                                 for h in holders),
+                            "copies": sum(math.prod(h.plan.shape) // shard_count(h.plan.use, mesh)
+                                          for h in holders if h.plan.level in (1, 2))}}
     finally:
         compiled.close()

@@ -114,8 +114,9 @@ class MoEFeedForward(nn.Module):
             raise ValueError(f"MoE routes groups of {group} tokens; the batch has {n_tokens} "
                              f"(B·T), not a multiple of it: change batch, seq_len or group_size")
         xs = x.reshape(-1, group, x.size(-1))  # (G, S, M)
-        # The router runs in float32 (as GShard): cumsum positions and softmax stay exact in bf16.
-        gates = torch.softmax(torch.einsum("GSM,ME->GSE", xs.float(), self.wg.float()), dim=-1)
+        # The router runs in at least float32 (as GShard): cumsum positions and softmax stay exact in bf16.
+        router = torch.promote_types(x.dtype, torch.float32)
+        gates = torch.softmax(torch.einsum("GSM,ME->GSE", xs.to(router), self.wg.to(router)), dim=-1)
         capacity = expert_capacity(group, self.wg.size(1), self.capacity_factor)
         combine, dispatch = top2_gating(gates, capacity)  # (G, S, E, C) each
         expert_in = torch.einsum("GSEC,GSM->EGCM", dispatch.to(x.dtype), xs)  # (E, G, C, M)

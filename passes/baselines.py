@@ -75,8 +75,12 @@ def predicate(name: str, problem: ShardingProblem) -> Callable[[int, Strategy], 
             placed = s.members[m].inputs[j]
             split = split_axes(s.members[m])
             for a, (p, role) in enumerate(zip(placed, axes)):
-                if role == "dp" and (not isinstance(p, Replicate) or (unit.kind == "leader" and not split[a])):
-                    return False  # data parallel: weights whole, the work they do split
+                # Data parallel: weights whole, the work they do split; under DDP, work on parameters
+                # alone (a position embedding) may stay whole, its gradient summed with the others,
+                # while ZeRO and FSDP split it too, so that its parameter is sharded like every other.
+                must_split = unit.kind == "leader" and (level > 0 or unit.members[m] in ctx.roles.data)
+                if role == "dp" and (not isinstance(p, Replicate) or (must_split and not split[a])):
+                    return False
                 if role == "tp" and rank >= 2 and not isinstance(p, Shard):
                     return False
         if any(held.level != min(level, held.top) for held in s.params.values()):

@@ -15,6 +15,7 @@ are priced once and counted as often as they occur.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from autopar.cluster import Cluster
@@ -30,7 +31,9 @@ from autopar.passes.strategies import (LEVELS, NodeSharding, ParamSharding, Stra
 from autopar.passes.rules import tensor_args
 from autopar.passes.units import Roles, Unit, build_units, roles
 
-_INTERNAL = ("vocab_cross_entropy", "sync_batch_norm", "batch_mean_loss")
+# batch_mean_loss runs no collective: the step computes the whole batch's target count from the
+# whole target every rank holds (runtime.lower), so it is an input, not an all-reduce.
+_INTERNAL = ("vocab_cross_entropy", "sync_batch_norm")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -215,7 +218,9 @@ def _price_members(ctx: Context, unit: Unit, strategy: Strategy) -> None:
         for axis, kind in enumerate(sharding.kinds):
             if kind in _INTERNAL:
                 _internal(ctx, strategy, name, sharding, axis, kind)
-    for name in ctx.captured.reduced_outputs:
+    # The loss a step returns is reduced while backward runs (runtime.compiled): free. Outputs of a
+    # graph without a loss are made whole at the end of the step.
+    for name in () if ctx.captured.has_loss else ctx.captured.reduced_outputs:
         if name in unit.members and ctx.captured.nodes[name].output is not None:
             placed = strategy.members[unit.members.index(name)].outputs[0]
             strategy.comm += ctx.resharder.time(placed, tuple(R for _ in shape), ctx.nbytes(name))
@@ -231,8 +236,6 @@ def _internal(ctx: Context, strategy: Strategy, name: str, sharding: NodeShardin
     elif kind == "sync_batch_norm":  # per-channel sum and sum of squares, then their gradients
         channels = args[0].meta["val"].shape[1] / shard_count(sharding.inputs[0], ctx.mesh.shape, 1)
         steps = [("forward", 4 * (2 * channels + 1)), ("backward", 4 * 2 * channels)]
-    else:  # batch_mean_loss: the global count of the mean
-        steps = [("forward", 8.0)]
     from autopar.passes.reshard import Collective
 
     comm = ctx.resharder.comm
@@ -292,6 +295,8 @@ def _price_param(ctx: Context, strategy: Strategy, name: str, arg, held: ParamSh
                    ("backward", held.storage, held.use, numel * w_bytes)]
     for phase, src, dst, nbytes in phases:
         for c in ctx.resharder.collectives(src, dst, nbytes):
+            if held.level == 0:  # bucketed with the others (runtime.sync): the latency is paid per bucket
+                c = dataclasses.replace(c, time=c.time - ctx.resharder.comm.time(c.kind, 0.0, ctx.mesh.group(c.axis)))
             strategy.comm += c.time
             strategy.collectives.append((name, phase, c))
     touched = 2 * (w_bytes + state_bytes) + g_bytes  # read and write weights and state, read gradients

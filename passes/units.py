@@ -55,6 +55,8 @@ class Roles:
     inputs: list[str]
     """User-input placeholders."""
     ignored: set[str]
+    data: set[str] = field(default_factory=set)
+    """Activations that depend on the user's inputs (not only on parameters and constants)."""
 
 
 def roles(captured: CapturedGraph) -> Roles:
@@ -68,6 +70,7 @@ def roles(captured: CapturedGraph) -> Roles:
         elif spec.kind != InputKind.PARAMETER:
             state.add(spec.arg.name)
     activations.update(inputs)
+    data = set(inputs)
     # An op that reads a trainable parameter is an activation too (a position embedding of
     # arange: no user input, but a gradient to compute and to synchronize).
     seeds = set(inputs) | trainable
@@ -78,9 +81,11 @@ def roles(captured: CapturedGraph) -> Roles:
             ignored.add(node.name)
         elif any(a.name in activations or a.name in seeds for a in node.all_input_nodes):
             activations.add(node.name)
+            if any(a.name in data for a in node.all_input_nodes):
+                data.add(node.name)
         else:
             state.add(node.name)
-    return Roles(params=params, state=state, activations=activations, inputs=inputs, ignored=ignored)
+    return Roles(params=params, state=state, activations=activations, inputs=inputs, ignored=ignored, data=data)
 
 
 def activation_args(node: fx.Node, roles_: Roles) -> list[fx.Node]:

@@ -5,11 +5,14 @@ local shard, executing the steps of `passes.reshard.steps` with torch.distribute
 the mesh axes' process groups. `Reshard` is the autograd node the lowered program uses: its
 forward changes `src → dst`, its backward changes the gradient from the placement the consumer's
 backward produces (`grad_in`) to the one the producer expects (`grad_out`), the conjugate the cost
-model priced (all-gather ↔ reduce-scatter, identity ↔ all-reduce).
+model priced (all-gather ↔ reduce-scatter, identity ↔ all-reduce). The gradient of a local piece of a
+value partial by average on an axis of size n is the whole gradient over n, so backward scales by
+n for each such axis of `dst` and by 1/n for each of `src`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -113,7 +116,16 @@ class _Reshard(torch.autograd.Function):
         spec = ctx.spec
         if grad is None or spec.grad_in is None:
             return None, None, None
-        return transform(grad.contiguous(), spec.grad_in, spec.grad_out, ctx.world), None, None
+        out = transform(grad.contiguous(), spec.grad_in, spec.grad_out, ctx.world)
+        factor = _avg_factor(spec.dst, ctx.world) / _avg_factor(spec.src, ctx.world)
+        return (out * factor if factor != 1 else out), None, None
+
+
+def _avg_factor(placements: Placements, world: World) -> float:
+    """A value partial by average on axis a is avg_r(x_r), so the gradient of the local x_r is the
+    whole gradient over n_a: the product of the n_a over such axes."""
+    return math.prod(world.axis_size(a) for a, p in enumerate(placements)
+                     if isinstance(p, Partial) and p.reduce_op == "avg")
 
 
 class Reshard(nn.Module):

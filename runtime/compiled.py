@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import Partial, Replicate
 from torch.utils import _pytree as pytree
@@ -20,18 +21,21 @@ from autopar.graph import CapturedGraph
 from autopar.plan import Plan
 from autopar.runtime.collectives import transform
 from autopar.runtime.params import Holder, regather
+from autopar.runtime.sync import GradientSync, bucketed
 from autopar.runtime.world import World
 
 
 class CompiledModel:
     def __init__(self, *, captured: CapturedGraph, plan: Plan, world: World, holders: dict[str, Holder],
-                 program: torch.fx.GraphModule, layout, buffers: dict[str, torch.Tensor],
+                 groups: list, program: torch.fx.GraphModule, layout, buffers: dict[str, torch.Tensor],
                  buffer_placements: dict[str, tuple], state_keys: list[str], optimizer_factory=None) -> None:
-        self.captured, self.plan, self.world, self.holders = captured, plan, world, holders
+        self.captured, self.plan, self.world, self.holders, self.groups = captured, plan, world, holders, groups
         self.program, self.layout = program, layout
         self._buffers, self._buffer_placements, self._state_keys = buffers, buffer_placements, state_keys
         leaves = [holders[n].leaf for n in sorted(holders) if holders[n].leaf.requires_grad]
         self.optimizer = optimizer_factory(leaves) if optimizer_factory is not None else None
+        order = [holders[n] for n in layout.params]  # first use first: buckets fill in reverse
+        self.sync = GradientSync([h for h in order if bucketed(h)], world) if world.size > 1 else None
         self._inputs = [captured.program.graph.find_nodes(op="placeholder", target=n)[0].meta["val"]
                         for n, _ in layout.inputs]
 
@@ -54,9 +58,19 @@ class CompiledModel:
             local.append(transform(x.to(self.world.device), tuple(Replicate() for _ in placed), placed, self.world))
         return local
 
-    def _run(self, flat: list, grad: bool):
+    def program_args(self, flat: list) -> list[torch.Tensor]:
+        """The lowered program's arguments for the whole inputs `flat`: parameter leaves, buffers,
+        this rank's input shards, then the whole batch's target counts (`Layout.counts`)."""
         args = [self.holders[n].leaf for n in self.layout.params] + [self._buffers[n] for n in self.layout.buffers]
         args += self._locals(flat)
+        names = [name for name, _ in self.layout.inputs]
+        for source, ignore in self.layout.counts:
+            whole = flat[names.index(source)]
+            args.append((whole != ignore).sum().to(torch.float64).to(self.world.device))
+        return args
+
+    def _run(self, flat: list, grad: bool):
+        args = self.program_args(flat)
         with torch.set_grad_enabled(grad), regather():
             try:
                 return self.program(*args)
@@ -78,14 +92,22 @@ class CompiledModel:
         loss, placed = outputs[0], self.layout.outputs[0][1]
         scale = math.prod(1 / self.world.axis_size(a) for a, p in enumerate(placed)
                           if isinstance(p, Partial) and p.reduce_op == "avg")
+        value = _LossValue(loss.detach(), placed, self.world)  # reduced while backward runs
+        if self.sync is not None:
+            self.sync.start()
         try:
             loss.backward(torch.full_like(loss, scale))
         except RuntimeError as e:
             raise self.world.failure("running the backward pass", e) from e
+        if self.sync is not None:
+            self.sync.finish()
         self.optimizer.step()
         for holder in self.holders.values():
-            holder.refresh()
-        return transform(loss.detach(), placed, tuple(Replicate() for _ in placed), self.world)
+            if holder.group is None:
+                holder.refresh()
+        for group in self.groups:
+            group.refresh()
+        return value.wait()
 
     def __call__(self, *inputs):
         """Forward only: the model's output, whole on every rank."""
@@ -160,6 +182,26 @@ class CompiledModel:
 
     def close(self) -> None:
         self.world.close()
+
+
+class _LossValue:
+    """The step's loss made whole on every rank: the first axis's all-reduce starts at once and is
+    waited for last (it runs while backward does); further axes follow it, one at a time, since
+    collectives on one buffer must not overlap."""
+
+    def __init__(self, loss: torch.Tensor, placed: tuple, world: World) -> None:
+        self.value, self.world, self.work = loss.clone(), world, None
+        self.axes = [a for a, p in enumerate(placed) if isinstance(p, Partial) and world.axis_size(a) > 1]
+        self.scale = math.prod(1 / world.axis_size(a) for a in self.axes if placed[a].reduce_op == "avg")
+        if self.axes:
+            self.work = dist.all_reduce(self.value, group=world.groups[self.axes[0]], async_op=True)
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+        for a in self.axes[1:]:
+            dist.all_reduce(self.value, group=self.world.groups[a])
+        return self.value * self.scale if self.scale != 1.0 else self.value
 
 
 def _whole(placed: tuple) -> tuple:

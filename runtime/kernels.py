@@ -107,34 +107,39 @@ class BatchMeanLoss(nn.Module):
         super().__init__()
         self.world, self.axes = world, axes
 
-    def forward(self, logits, target, weight=None, reduction=1, ignore_index=-100, label_smoothing=0.0):
+    def forward(self, logits, target, weight=None, reduction=1, ignore_index=-100, label_smoothing=0.0,
+                count=None):
         total = F.cross_entropy(logits, target, weight=weight, reduction="sum", ignore_index=ignore_index,
                                 label_smoothing=label_smoothing)
-        denominator = _denominator(target, weight, ignore_index, self.world, self.axes)
+        denominator = count if count is not None else _denominator(target, weight, ignore_index, self.world,
+                                                                   self.axes)
         return total / denominator.to(total.dtype)
 
     def extra_repr(self) -> str:
-        return f"mean over a batch split on axes {list(self.axes)}: all-reduce of the target count"
+        return (f"mean over a batch split on axes {list(self.axes)}: local sum over the whole batch's target "
+                f"count (an input of the step, or an all-reduce)")
 
 
 class _VocabCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, world, vocab_axes, batch_axes, reduction, ignore_index):
+    def forward(ctx, logits, target, world, vocab_axes, batch_axes, reduction, ignore_index, count):
         x = logits.to(torch.promote_types(logits.dtype, torch.float32))
         index, _ = _shard_index(world, vocab_axes)
         width = x.shape[1]
         top = _all_reduce(x.max(dim=1).values, world, vocab_axes, dist.ReduceOp.MAX)
-        shifted = x - top.unsqueeze(1)
-        exp = shifted.exp()
-        total = _all_reduce(exp.sum(dim=1), world, vocab_axes)
         local = target - index * width
         valid = target != ignore_index
         mine = (local >= 0) & (local < width) & valid
-        picked = shifted.gather(1, (local * mine).unsqueeze(1)).squeeze(1) * mine
+        local = local * mine
+        picked = (x.gather(1, local.unsqueeze(1)).squeeze(1) - top) * mine
+        softmax = (x - top.unsqueeze(1)).exp_()  # one new tensor: exponentials, then (in place) softmax
+        total = _all_reduce(softmax.sum(dim=1), world, vocab_axes)
         picked = _all_reduce(picked, world, vocab_axes)
         rows = (total.log() - picked) * valid
-        denominator = _denominator(target, None, ignore_index, world, batch_axes) if reduction == 1 else None
-        ctx.save_for_backward(exp / total.unsqueeze(1), local * mine, mine, valid)
+        denominator = None
+        if reduction == 1:
+            denominator = count if count is not None else _denominator(target, None, ignore_index, world, batch_axes)
+        ctx.save_for_backward(softmax.div_(total.unsqueeze(1)), local, mine, valid)
         ctx.reduction, ctx.denominator, ctx.dtype = reduction, denominator, logits.dtype
         if reduction == 0:
             return rows.to(logits.dtype)
@@ -143,13 +148,16 @@ class _VocabCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        """d loss / d logits = (softmax - onehot(target)) · scale per row: one product, then the
+        target column's -scale added where this rank holds the target."""
         softmax, local, mine, valid = ctx.saved_tensors
         scale = grad.to(softmax.dtype)
         if ctx.reduction == 1:
             scale = scale / ctx.denominator.to(scale.dtype)
         scale = (scale if ctx.reduction == 0 else scale.expand(valid.shape)) * valid
-        onehot = torch.zeros_like(softmax).scatter_(1, local.unsqueeze(1), mine.unsqueeze(1).to(softmax.dtype))
-        return ((softmax - onehot) * scale.unsqueeze(1)).to(ctx.dtype), None, None, None, None, None, None
+        out = softmax * scale.unsqueeze(1)
+        out.scatter_add_(1, local.unsqueeze(1), -(scale * mine).unsqueeze(1))
+        return out.to(ctx.dtype), None, None, None, None, None, None, None
 
 
 class VocabCrossEntropy(nn.Module):
@@ -157,7 +165,8 @@ class VocabCrossEntropy(nn.Module):
         super().__init__()
         self.world, self.vocab_axes, self.batch_axes = world, vocab_axes, batch_axes
 
-    def forward(self, logits, target, weight=None, reduction=1, ignore_index=-100, label_smoothing=0.0):
+    def forward(self, logits, target, weight=None, reduction=1, ignore_index=-100, label_smoothing=0.0,
+                count=None):
         if weight is not None or label_smoothing:
             raise ValueError("vocabulary-parallel cross-entropy: found class weights or label smoothing, "
                              "required neither")
@@ -165,7 +174,7 @@ class VocabCrossEntropy(nn.Module):
             target = target.reshape(-1)
             logits = logits.movedim(1, -1).reshape(target.shape[0], -1)
         return _VocabCrossEntropy.apply(logits, target, self.world, self.vocab_axes, self.batch_axes, reduction,
-                                        ignore_index)
+                                        ignore_index, count)
 
     def extra_repr(self) -> str:
         return (f"vocabulary-parallel cross-entropy over axes {list(self.vocab_axes)}: all-reduce of max, sum of "

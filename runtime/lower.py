@@ -5,7 +5,8 @@ Takes the `CapturedGraph`, the plan's `Stage`, the `World` and the parameter `Ho
 in which every op runs on local shards. Between ops, a `Reshard` node changes placements where the
 plan says so, forward and backward (`runtime.collectives`); ops with a special rule kind run as a
 kernel module (`runtime.kernels`); shape arguments (view, reshape, expand) become local shapes.
-Parameters enter through their holder's gather node (`runtime.params`).
+Parameters enter through their holder's gather node (`runtime.params`), or their group's, one
+node for the whole group where its first member is used (`runtime.groups`).
 
     program, layout = lower(captured, stage, world, holders)
     outputs = program(*leaves, *buffers, *inputs)     # local values; layout says their placements
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.distributed.tensor import Replicate
+from torch.distributed.tensor import Partial, Replicate
 from torch.utils import _pytree as pytree
 
 from autopar.graph import CapturedGraph
@@ -29,11 +30,14 @@ from autopar.passes.strategies import NodeSharding, grads_of, normalized
 from autopar.passes.units import roles
 from autopar.runtime import kernels
 from autopar.runtime.collectives import Reshard, ReshardSpec
+from autopar.runtime.groups import GroupGather
 from autopar.runtime.params import Holder
 from autopar.runtime.world import World
 from autopar.vocab import Placements, shard_count
 
 aten = torch.ops.aten
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+          aten.unflatten.int, aten.clone.default, aten.contiguous.default}
 _LOCAL_SHAPE = {aten.view.default: 1, aten.reshape.default: 1, aten._unsafe_view.default: 1, aten.expand.default: 1}
 
 
@@ -49,6 +53,9 @@ class Layout:
     """User-input placeholders and the placement of the local shard each takes, last."""
     outputs: list[tuple[str, Placements]]
     """The program's outputs (the loss first when there is one) and their placements."""
+    counts: list[tuple[str, int]] = field(default_factory=list)
+    """Extra inputs after the user's: for each mean loss over a split batch, the user input holding
+    its targets and the ignore_index; the step passes the whole batch's count of targets."""
     values: dict[str, tuple[str, Placements]] = field(default_factory=dict)
     """Each original node: the lowered node holding its local value, and that value's placement
     (for inspection: `autopar.testing.first_difference`)."""
@@ -72,6 +79,9 @@ class _Builder:
         self.root = _Program()
         self.env: dict[str, tuple[fx.Node, tuple[Placements, ...]]] = {}
         self.cache: dict[tuple, fx.Node] = {}
+        self.pending: dict[str, Holder] = {}
+        self.placeholder_of: dict[int, str] = {}
+        self.counts: list[tuple[str, int]] = []
         self.count = 0
         self.replicated = tuple(Replicate() for _ in stage.mesh.shape)
 
@@ -84,6 +94,7 @@ class _Builder:
                 self._placeholder(node, param_of, layout)
             elif node.op == "call_function" and node.name not in self.roles.ignored:
                 self._call(node)
+        layout.counts = self.counts
         for name, (local, placements) in self.env.items():
             if placements and isinstance(local, fx.Node):
                 layout.values[name] = (local.name, placements[0])
@@ -106,8 +117,9 @@ class _Builder:
             holder = self.holders.get(name) or self.holders[_tied(self.captured, name, self.holders)]
             leaf = self.graph.placeholder(f"p_{len(layout.params)}")
             layout.params.append(holder.name)
-            value = self._module(holder.gather, "gather", leaf) if holder.gather is not None else leaf
-            self.env[node.name] = (value, (holder.plan.use,))
+            self.env[node.name] = (leaf, (holder.plan.use,))
+            self.placeholder_of[id(holder)] = node.name
+            self.pending[node.name] = holder  # gathered where it is first used (FSDP: not all up front)
         elif node.name in self.roles.inputs:
             placed = self.stage.nodes[node.name].outputs[0]
             layout.inputs.append((node.name, placed))
@@ -135,6 +147,8 @@ class _Builder:
             value = self.graph.call_function(target, (args[0], shape))
         else:
             kernel = _kernel(node, plan, self.world)
+            if isinstance(kernel, (kernels.BatchMeanLoss, kernels.VocabCrossEntropy)):
+                kwargs = {**kwargs, **self._count(node)}
             value = (self._module(kernel, node.target.__name__.split(".")[0], *args, **kwargs) if kernel is not None
                      else self.graph.call_function(node.target, args, kwargs))
         self.env[node.name] = (value, plan.outputs)
@@ -160,6 +174,12 @@ class _Builder:
         return pytree.tree_unflatten(out, spec)
 
     def _bring(self, arg: fx.Node, needed: Placements, grad_in: Placements | None) -> fx.Node:
+        holder = self.pending.pop(arg.name, None)
+        if holder is not None and holder.group is not None:
+            self._gather_group(holder.group)
+        elif holder is not None and holder.gather is not None:
+            leaf, placements = self.env[arg.name]
+            self.env[arg.name] = (self._module(holder.gather, "gather", leaf), placements)
         local, placements = self.env[arg.name]
         have = placements[0]
         info = self.captured.nodes.get(arg.name)
@@ -170,7 +190,7 @@ class _Builder:
             grad_out = holder.raw
             flows = flows and holder.leaf.requires_grad
         else:
-            grad_out = normalized(have)
+            grad_out = self._deferred(arg, normalized(have), grad_in) if flows else normalized(have)
         spec = ReshardSpec(src=have, dst=needed, grad_in=grad_in if flows else None,
                            grad_out=grad_out if flows else None, nbytes=info.output.nbytes if info and info.output
                            else 0.0, label=self.roles.params.get(arg.name, arg.name))
@@ -181,11 +201,85 @@ class _Builder:
             self.cache[key] = self._module(Reshard(spec, self.world), "reshard", local)
         return self.cache[key]
 
+    def _gather_group(self, group) -> None:
+        """The first use of a grouped parameter gathers its whole group (one collective)."""
+        placeholders = [self.placeholder_of[id(h)] for h in group.holders]
+        node = self._module(GroupGather(group), "gather", *(self.env[n][0] for n in placeholders))
+        for position, name in enumerate(placeholders):
+            self.pending.pop(name, None)
+            self.env[name] = (self.graph.call_function(operator.getitem, (node, position)), self.env[name][1])
+
+    def _deferred(self, arg: fx.Node, grad_out: Placements, grad_in: Placements) -> Placements:
+        """A tensor computed from parameters alone (a position embedding) whose gradient comes back
+        partial: leave it partial, so it reaches the parameters partial and is reduced with their
+        other gradients in buckets (`runtime.sync`), as DDP would, rather than on its own here.
+        Only when every consumer gives it back partial on those axes and the parameters are DDP-level."""
+        if arg.name in self.roles.data or arg.name not in self.stage.nodes:
+            return grad_out
+        axes = [a for a, (p, g) in enumerate(zip(grad_in, grad_out)) if isinstance(p, Partial) and isinstance(g, Replicate)]
+        params, path = _upstream(arg, self.roles)
+        holders = [self.holders.get(self.roles.params[p]) for p in params]
+        if not axes or not holders or any(h is None or h.plan.level != 0 for h in holders):
+            return grad_out
+        # partial sums pass through backward locally only where every value on the way is whole
+        if any(not isinstance(h.plan.use[a], Replicate) for h in holders for a in axes) or any(
+                n not in self.stage.nodes or not isinstance(self.stage.nodes[n].outputs[0][a], Replicate)
+                for n in path for a in axes):
+            return grad_out
+        for user in arg.users:
+            plan = self.stage.nodes.get(user.name)
+            if plan is None:
+                return grad_out
+            grads = grads_of(NodeSharding(inputs=plan.inputs, outputs=plan.outputs))
+            if any(a is arg and not all(isinstance(grads[j][x], Partial) for x in axes)
+                   for j, a in enumerate(tensor_args(user))):
+                return grad_out
+        for h in holders:
+            h.raw = tuple(Partial() if a in axes else p for a, p in enumerate(h.raw))
+        return tuple(Partial() if a in axes else p for a, p in enumerate(grad_out))
+
+    def _count(self, node: fx.Node) -> dict:
+        """The whole batch's target count as an input, when the loss's targets are a user input seen
+        through views only and unweighted: then the step computes it, with no communication."""
+        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+        reduction = node.args[3] if len(node.args) > 3 else node.kwargs.get("reduction", 1)
+        if weight is not None or reduction != 1:
+            return {}
+        source = node.args[1]
+        while isinstance(source, fx.Node) and source.op == "call_function" and source.target in _VIEWS:
+            source = source.args[0]
+        if not (isinstance(source, fx.Node) and source.name in self.roles.inputs):
+            return {}
+        ignore = node.args[4] if len(node.args) > 4 else node.kwargs.get("ignore_index", -100)
+        first = next(n for n in self.graph.nodes if n.op != "placeholder") if any(
+            n.op != "placeholder" for n in self.graph.nodes) else None
+        with self.graph.inserting_before(first):
+            count = self.graph.placeholder(f"count_{len(self.counts)}")
+        self.counts.append((source.name, ignore))
+        return {"count": count}
+
     def _module(self, module: nn.Module, stem: str, *args, **kwargs) -> fx.Node:
         name = f"{stem}_{self.count}"
         self.count += 1
         self.root.add_module(name, module)
         return self.graph.call_module(name, args, kwargs)
+
+
+def _upstream(node: fx.Node, roles_) -> tuple[set[str], set[str]]:
+    """The parameter placeholders a parameter-only computation reads, and the nodes on the way
+    (the node itself included)."""
+    found, stack, seen = set(), [node], set()
+    while stack:
+        n = stack.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        for a in n.all_input_nodes:
+            if a.name in roles_.params:
+                found.add(a.name)
+            elif a.name in roles_.activations and a.name not in roles_.data:
+                stack.append(a)
+    return found, seen
 
 
 def _outputs(node: fx.Node) -> list:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -70,35 +72,39 @@ class FsdpGather(nn.Module):
 
     def forward(self, leaf: torch.Tensor) -> torch.Tensor:
         out = self.reshard(leaf)
-        # Keyed by address, guarded by a weak reference: once this tensor is gone, another tensor
-        # at the same address must not be mistaken for it (ranks would then disagree on gathers).
-        _GATHERED[out.untyped_storage().data_ptr()] = (weakref.ref(out), self.holder)
+        h = self.holder
+        note_gathered(out, lambda: transform(h.leaf.detach(), h.plan.storage, h.plan.use, h.world))
         return out
 
     def extra_repr(self) -> str:
         return f"{self.holder.name}: FSDP all-gather, gathered again for backward"
 
 
-_GATHERED: dict[int, tuple[weakref.ref, Holder]] = {}
+_GATHERED: dict[int, tuple[weakref.ref, Callable[[], torch.Tensor]]] = {}
+
+
+def note_gathered(tensor: torch.Tensor, again: Callable[[], torch.Tensor]) -> None:
+    """Marks `tensor` as a gathered weight that `again()` can rebuild. Keyed by address, guarded by
+    a weak reference: once the tensor is gone, another tensor at the same address must not be
+    mistaken for it (ranks would then disagree on gathers)."""
+    _GATHERED[tensor.untyped_storage().data_ptr()] = (weakref.ref(tensor), again)
 
 
 @contextlib.contextmanager
 def regather():
     """While a step's forward runs: autograd keeps, instead of each FSDP-gathered weight, a note to
-    all-gather it again when backward needs it."""
+    gather it again when backward needs it."""
     def pack(t: torch.Tensor):
         entry = _GATHERED.get(t.untyped_storage().data_ptr())
         if entry is None or entry[0]() is None:
             return t
-        holder = entry[1]
-        return (holder, t.size(), t.stride(), t.storage_offset())
+        return (entry[1], t.size(), t.stride(), t.storage_offset())
 
     def unpack(packed):
         if isinstance(packed, torch.Tensor):
             return packed
-        holder, size, stride, offset = packed
-        whole = transform(holder.leaf.detach(), holder.plan.storage, holder.plan.use, holder.world)
-        return torch.as_strided(whole, size, stride, offset)
+        again, size, stride, offset = packed
+        return torch.as_strided(again(), size, stride, offset)
 
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
@@ -118,6 +124,10 @@ class Holder:
     """Whether the gradient is partial anywhere (the parameter has data-parallel axes)."""
     cache: torch.Tensor | None = None
     gather: nn.Module | None = field(default=None, repr=False)
+    """The parameter's own entry into the program; None when it is used as stored or enters with
+    its group (`runtime.groups`)."""
+    group: Any = field(default=None, repr=False)
+    """Its `ParamGroup`, when it is gathered and reduced with the other parameters of its layer."""
 
     @property
     def leaf_placement(self) -> Placements:
@@ -144,9 +154,10 @@ def _replicated(plan: ParamPlan) -> Placements:
 
 
 def make_holder(name: str, plan: ParamPlan, full: torch.Tensor, raw: Placements, requires_grad: bool,
-                world: World) -> Holder:
+                world: World, bucketed: bool = True) -> Holder:
     """`raw`: the gradient's placement as the parameter's first op produces it (partial on the axes
-    where that op splits the work but keeps the parameter whole)."""
+    where that op splits the work but keeps the parameter whole). `bucketed`: a DDP-level partial
+    gradient is left partial here and all-reduced in buckets after backward (`runtime.sync`)."""
     leaf_placement = plan.grad if plan.level in (1, 2) else plan.storage
     local = transform(full.detach().to(world.device), _replicated(plan), leaf_placement, world).clone()
     holder = Holder(name=name, plan=plan, world=world, leaf=nn.Parameter(local, requires_grad=requires_grad),
@@ -156,8 +167,8 @@ def make_holder(name: str, plan: ParamPlan, full: torch.Tensor, raw: Placements,
         holder.gather = ZeroGather(holder)
     else:  # 0: identity forward, all-reduce backward; 3: all-gather forward, reduce-scatter backward
         grad_in = raw if requires_grad else None
-        if plan.level == 0 and (grad_in is None or grad_in == plan.storage):
-            return holder  # used as stored, gradient already whole: no node at all
+        if plan.level == 0 and (grad_in is None or grad_in == plan.storage or bucketed):
+            return holder  # used as stored; its gradient is whole already, or synchronized in buckets
         gather = Reshard(ReshardSpec(src=plan.storage, dst=plan.use, grad_in=grad_in,
                                      grad_out=plan.storage if requires_grad else None,
                                      nbytes=full.numel() * full.element_size(), label=name), world)

@@ -2,8 +2,8 @@
 
 For each tiny zoo model, named strategy and world size (gloo ranks on loopback), 5 AdamW steps
 on the same batches give the same losses as plain PyTorch on one device (fp32, rtol 1e-5), and,
-run again in fp64, the same losses and the same parameters and buffers after them (rtol 1e-5;
-they agree to about 1e-9 there). In fp32 the parameters are not compared elementwise: AdamW
+run again in fp64, the same losses (rtol 1e-10) and the same parameters and buffers after them
+(rtol 1e-8, atol 1e-10; the worst case seen is about 1e-10). In fp32 the parameters are not compared elementwise: AdamW
 divides each update by the root of its squared-gradient average, which turns the last-bit
 differences that any change of summation order makes (one device against several, or DDP) into
 visible ones for parameters whose gradient is nearly zero; fp64 shows the program is the same.
@@ -21,12 +21,13 @@ STRATEGIES = ["dp", "zero1", "fsdp", "tp", "dp+tp", "auto"]
 def check(case, got, *, parameters: bool):
     assert "error" not in got, got.get("error", "") + "\n" + got.get("traceback", "")
     ref = reference(case)
-    assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+    exact = case.get("dtype") == "float64"
+    assert got["losses"] == pytest.approx(ref["losses"], rel=1e-10 if exact else 1e-5)
     if parameters:
         assert set(got["state"]) == set(ref["state"])
         for key, expected in ref["state"].items():
-            torch.testing.assert_close(torch.tensor(got["state"][key]), torch.tensor(expected), rtol=1e-5,
-                                       atol=1e-7, msg=lambda m, key=key: f"{key}: {m}")
+            torch.testing.assert_close(torch.tensor(got["state"][key]), torch.tensor(expected), rtol=1e-8,
+                                       atol=1e-10, msg=lambda m, key=key: f"{key}: {m}")
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -43,9 +44,9 @@ def test_trains_like_one_device(model, strategy, world, pools):
         check(case, got, parameters=dtype == "float64")
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize(("world", "seed"), [(2, s) for s in range(3)] + [(4, s) for s in range(5)])
 @pytest.mark.parametrize("model", MODELS)
-def test_random_plans_train_like_one_device(model, seed, pools):
-    case = {"model": model, "dtype": "float64", "plan": random_plan(model, 4, seed, dtype="float64")}
-    (got,) = pools(4).run([case])
+def test_random_plans_train_like_one_device(model, world, seed, pools):
+    case = {"model": model, "dtype": "float64", "plan": random_plan(model, world, seed, dtype="float64")}
+    (got,) = pools(world).run([case])
     check(case, got, parameters=True)

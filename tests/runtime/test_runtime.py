@@ -69,7 +69,10 @@ def test_storage_levels_shard_what_they_claim(strategy, leaves, optimizer, copie
     (got,) = pools(4).run([{"call": "autopar.testing:check_memory", "kwargs": {"strategy": strategy}}])
     assert "error" not in got, got.get("traceback")
     total = got["model"]
-    # Exact shares up to 2%: the gpt-tiny tied embedding is shared by two ops but stored once.
+    # The runtime holds exactly what the plan claims ...
+    assert {k: got[k] for k in ("leaves", "optimizer", "copies")} == got["claimed"]
+    # ... and the plan claims the strategy's shares, up to 2%: the gpt-tiny tied embedding is
+    # shared by two ops but stored once.
     assert got["leaves"] == pytest.approx(total * leaves, rel=0.02)
     assert got["optimizer"] == pytest.approx(total * optimizer, rel=0.02)
     assert got["copies"] == pytest.approx(total * copies, rel=0.02)
