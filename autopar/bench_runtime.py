@@ -3,7 +3,7 @@
 On local gloo ranks, for a zoo model: autopar's `dp` plan against `DistributedDataParallel`, its
 `fsdp` plan against FSDP2 `fully_shard` (per block, then the root), and its `auto` plan against the
 fastest of those. Every variant trains on the same global batch with AdamW; the variants take turns
-within each round (so drift on a noisy machine hits all of them alike) and the median step time
+within each round, each leading a round in turn (so drift on a noisy machine hits all of them alike) and the median step time
 over all rounds is reported, with each autopar plan's ratio to its PyTorch counterpart.
 """
 
@@ -74,8 +74,10 @@ def step_times(model: str, batch: int, variants: list[str], rounds: int = 5, ste
     for run in runners.values():  # warm up: first steps allocate and plan communication buffers
         run(*batches[0])
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, run in runners.items():
+    order = list(runners)
+    for r in range(rounds):
+        for name in order[r % len(order):] + order[:r % len(order)]:  # each variant leads a round in turn
+            run = runners[name]
             dist.barrier()
             start = time.perf_counter()
             for inputs, target in batches:

@@ -103,6 +103,13 @@ def _bench(args: argparse.Namespace) -> int:
     if args.suite == "planner":
         table = bench.planner_table(bench.planner_benchmark())
         print(f"autopar.plan, capture included; {bench.machine()}\n\n{table}")
+    elif args.suite == "runtime":
+        from autopar import bench_runtime
+
+        results = bench_runtime.runtime_benchmark(rounds=args.rounds, steps=args.steps)
+        table = bench_runtime.runtime_table(results)
+        print(f"median seconds per training step (AdamW), {args.rounds} rounds of {args.steps} steps, "
+              f"local gloo ranks; {bench.machine()}\n\n{table}")
     else:
         rows = bench.capture_benchmark(args.models, batch_size=args.batch_size)
         table = bench.capture_table(rows)
@@ -182,10 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks, printed as markdown tables",
                        description="Benchmarks. `capture`: build zoo models on meta and time their capture. "
-                                   "`planner`: time autopar.plan on GPT-3 175B (1024 H100) and Llama-3 8B (64 H100).")
-    p.add_argument("suite", choices=["capture", "planner"], help="which benchmark")
+                                   "`planner`: time autopar.plan on GPT-3 175B (1024 H100) and Llama-3 8B (64 H100). "
+                                   "`runtime`: step times of autopar's dp, fsdp and auto plans against "
+                                   "DistributedDataParallel and FSDP2 on local gloo ranks.")
+    p.add_argument("suite", choices=["capture", "planner", "runtime"], help="which benchmark")
     p.add_argument("--models", nargs="+", default=["gpt3-175b"], help="zoo models (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1, help="samples per step (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=5, help="runtime: rounds, variants taking turns (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=4, help="runtime: timed steps per round (default: %(default)s)")
     p.add_argument("--out", default=None, help="append the table to this file")
     p.set_defaults(run=_bench)
     return parser
