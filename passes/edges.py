@@ -20,7 +20,8 @@ from autopar.passes.units import Unit
 
 
 def _descriptors(ctx: Context, units: list[Unit], unit_of: dict[str, int]) -> dict[tuple, list]:
-    """(canonical source, canonical target, tensors) → the instance nodes behind each occurrence."""
+    """(canonical source, canonical target, tensors) → per occurrence, its (source, target) units and
+    the instance nodes behind it."""
     found: dict[tuple, list] = {}
     for unit in units:
         per_source: dict[int, list[tuple]] = {}
@@ -40,7 +41,7 @@ def _descriptors(ctx: Context, units: list[Unit], unit_of: dict[str, int]) -> di
                         per_source.setdefault(owner, []).append(("param", mo, jo, m, j, arg.name))
         for source, tensors in per_source.items():
             key = (units[source].canonical, unit.canonical, tuple(t[:-1] for t in tensors))
-            found.setdefault(key, []).append([t[-1] for t in tensors])
+            found.setdefault(key, []).append(((source, unit.index), [t[-1] for t in tensors]))
     return found
 
 
@@ -48,7 +49,7 @@ def build_edges(ctx: Context, units: list[Unit], unit_of: dict[str, int],
                 strategies: dict[int, list[Strategy]]) -> list[EdgeTable]:
     edges = []
     for (src, dst, tensors), occurrences in _descriptors(ctx, units, unit_of).items():
-        names = occurrences[0]
+        names = occurrences[0][1]
         rows, row_keys = _classes([_row_key(s, tensors) for s in strategies[src]])
         cols, col_keys = _classes([_col_key(s, tensors) for s in strategies[dst]])
         # Each tensor's part depends only on its own placements: price those pairs once.
@@ -65,7 +66,8 @@ def build_edges(ctx: Context, units: list[Unit], unit_of: dict[str, int],
                     total += found
                 row.append(total)
             cost.append(row)
-        edges.append(EdgeTable(src=src, dst=dst, count=len(occurrences), rows=rows, cols=cols, cost=cost))
+        edges.append(EdgeTable(src=src, dst=dst, count=len(occurrences), rows=rows, cols=cols, cost=cost,
+                               occurrences=[pair for pair, _ in occurrences]))
     return edges
 
 

@@ -70,6 +70,8 @@ class EdgeTable:
     """Per strategy of `dst`: its class."""
     cost: list[list[float]]
     """Seconds, [row class][column class], for one occurrence."""
+    occurrences: list[tuple[int, int]] = field(default_factory=list)
+    """(source unit, target unit) of each occurrence: a pipeline stage counts the ones it holds."""
 
 
 @dataclass(slots=True)
@@ -265,7 +267,7 @@ def _with_params(ctx: Context, unit: Unit, base: Strategy) -> list[Strategy]:
     for level in levels:
         strategy = Strategy(members=base.members, params={}, compute=base.compute, comm=base.comm,
                             optimizer=base.optimizer, activations=base.activations, state=base.state,
-                            collectives=list(base.collectives))
+                            sync=base.sync, gathers=base.gathers, collectives=list(base.collectives))
         for (m, j, arg) in owned:
             opts = choices[(m, j)]
             pick = next((o for o in opts if o.level == level), max(opts, key=lambda o: o.level))
@@ -287,17 +289,18 @@ def _price_param(ctx: Context, strategy: Strategy, name: str, arg, held: ParamSh
         return
     strategy.state += numel * g_bytes / shard_count(held.grad if held.level >= 2 else held.use, shape)
     strategy.state += update * state_bytes
-    phases = [("backward", partial_on(held.use, split), held.grad, numel * g_bytes)]
+    phases = [("backward", partial_on(held.use, split), held.grad, numel * g_bytes, "sync")]
     if held.level in (1, 2):
-        phases.append(("step", held.grad, held.use, numel * w_bytes))
+        phases.append(("step", held.grad, held.use, numel * w_bytes, "sync"))
     if held.level == 3:  # gathered for forward, freed, gathered again for backward
-        phases += [("forward", held.storage, held.use, numel * w_bytes),
-                   ("backward", held.storage, held.use, numel * w_bytes)]
-    for phase, src, dst, nbytes in phases:
+        phases += [("forward", held.storage, held.use, numel * w_bytes, "gathers"),
+                   ("backward", held.storage, held.use, numel * w_bytes, "gathers")]
+    for phase, src, dst, nbytes, part in phases:
         for c in ctx.resharder.collectives(src, dst, nbytes):
             if held.level == 0:  # bucketed with the others (runtime.sync): the latency is paid per bucket
                 c = dataclasses.replace(c, time=c.time - ctx.resharder.comm.time(c.kind, 0.0, ctx.mesh.group(c.axis)))
             strategy.comm += c.time
+            setattr(strategy, part, getattr(strategy, part) + c.time)
             strategy.collectives.append((name, phase, c))
     touched = 2 * (w_bytes + state_bytes) + g_bytes  # read and write weights and state, read gradients
     device = ctx.device

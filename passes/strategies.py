@@ -70,6 +70,12 @@ class Strategy:
     """Bytes saved for backward, per device."""
     state: float = 0.0
     """Bytes of parameter state (weights, gradients, optimizer), per device."""
+    sync: float = 0.0
+    """The part of `comm` that runs once per step whatever the microbatching: gradient reduction
+    and the ZeRO parameter all-gather after the optimizer step."""
+    gathers: float = 0.0
+    """The part of `comm` that runs once per pass over the parameters: FSDP's all-gathers before
+    forward and backward (once per microbatch in a pipeline)."""
     collectives: list[tuple[str, str, Collective]] = field(default_factory=list)
     """(node, "forward" | "backward" | "step", collective) run inside the unit other than
     placement changes of tensors (those are read off the plan): an op's own all-reduces and its

@@ -1,0 +1,114 @@
+"""The inter-op pass: schedule formulas against the seeds, layer clustering, and the stage DP
+against brute force over every split, on tiny GPTs planned on the meta device."""
+
+import itertools
+
+import pytest
+
+import autopar
+from autopar.passes import interop, schedules
+from autopar.passes.sharding import ShardingOptions
+
+
+def test_bubble_matches_the_seeds_example():
+    # seed 004: GPipe (AFAB) with PP = 4, M = 4: idle / work = (PP - 1) / M = 3/4
+    assert schedules.bubble_fraction("gpipe", 4, 4) == pytest.approx(0.75)
+    assert schedules.bubble_fraction("1f1b", 4, 8) == pytest.approx(3 / 8)
+    assert schedules.bubble_fraction("interleaved", 4, 4, virtual=2) == pytest.approx(3 / 8)
+    assert schedules.bubble_fraction("zero-bubble", 4, 4) == pytest.approx(0.25)
+
+
+def test_step_time_of_equal_stages_is_m_plus_p_minus_one_times_t():
+    assert schedules.step_time("1f1b", [2.0] * 4, 4) == pytest.approx((4 + 4 - 1) * 2.0)
+    assert schedules.step_time("gpipe", [1.0, 3.0], 5, once=[0.5, 0.25]) == pytest.approx(5 * 3 + 0.25 + 0.5 * 4)
+
+
+def test_in_flight_microbatches():
+    # seed 004: 1F1B stores p = 4 activations rather than m = 8; GPipe all m
+    assert [schedules.in_flight("1f1b", 4, 8, i) for i in range(4)] == [4, 3, 2, 1]
+    assert schedules.in_flight("gpipe", 4, 8, 0) == 8
+    assert schedules.in_flight("1f1b", 4, 2, 0) == 2
+    # Megatron-LM interleaved warm-up: (p - i - 1)·2 + (v - 1)·p forwards of a chunk, plus one
+    assert schedules.in_flight("interleaved", 4, 8, 0, virtual=2) == pytest.approx((6 + 4 + 1) / 2)
+
+
+def test_bad_schedule_arguments():
+    with pytest.raises(ValueError, match="schedule: found 'pipedream'"):
+        schedules.bubble_fraction("pipedream", 2, 2)
+    with pytest.raises(ValueError, match="required at least 1"):
+        schedules.step_time("1f1b", [1.0], 0)
+
+
+def _captured(layers: int, batch: int = 16):
+    entry = autopar.models.get("gpt-tiny")
+    model = entry.build(device="meta", n_layers=layers)
+    inputs, target = entry.example_batch(batch)
+    return autopar.capture(model, inputs, loss_fn=entry.loss_fn, target=target)
+
+
+@pytest.fixture(scope="module")
+def four_layers():
+    return _captured(4)
+
+
+def test_layer_clustering_balances_flops(four_layers):
+    assert interop.cluster_layers(four_layers, 8) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    two = interop.cluster_layers(four_layers, 2)
+    assert len(two) == 2 and two[0][0] == 0 and two[-1][1] == 4 and two[0][1] == two[1][0]
+
+
+def _costs(captured, budget, blocks=3):
+    cluster = autopar.Cluster.preset("h100", nodes=2, gpus_per_node=2)
+    options = ShardingOptions(memory_budget=budget)
+    return interop.StageCosts(captured, cluster, options, interop.cluster_layers(captured, blocks), 16, 10.0), cluster
+
+
+def _brute_force(costs, subs, kind, m, p):
+    total, blocks = costs.cluster.num_devices, len(costs.blocks)
+    best = None
+    for cuts in itertools.combinations(range(1, blocks), p - 1):
+        bounds = list(zip((0, *cuts), (*cuts, blocks)))
+        for meshes in itertools.product(subs, repeat=p):
+            if sum(s.devices for s in meshes) != total:
+                continue
+            stages = [costs.stage(a, b, sub, m, schedules.in_flight(kind, p, m, i))
+                      for i, ((a, b), sub) in enumerate(zip(bounds, meshes))]
+            if any(s is None for s in stages):
+                continue
+            t = schedules.step_time(kind, [s.time for s in stages], m, [s.once for s in stages])
+            best = t if best is None else min(best, t)
+    return best
+
+
+@pytest.mark.parametrize("budget", [None, 7e5])
+def test_dp_matches_brute_force_over_all_splits(four_layers, budget):
+    costs, cluster = _costs(four_layers, budget)
+    subs = interop.submeshes(cluster)
+    for kind, m in [("1f1b", 2), ("gpipe", 4)]:
+        for p in (1, 2, 3):
+            found = interop._dp(costs, subs, kind, m, p, cluster.num_devices)
+            expected = _brute_force(costs, subs, kind, m, p)
+            if expected is None:
+                assert found is None
+            else:
+                assert found is not None and found.step_time == pytest.approx(expected, rel=1e-12)
+                assert len(found.stages) == p and sum(s.devices for s in found.stages) == cluster.num_devices
+
+
+def test_no_stages_when_the_model_fits(four_layers):
+    costs, cluster = _costs(four_layers, None)
+    found = interop.search(costs, interop.submeshes(cluster), schedules_=("gpipe", "1f1b"))
+    assert len(found.stages) == 1 and found.schedule == "none" and found.layers == ((0, 4),)
+
+
+def test_more_stages_when_memory_binds(four_layers):
+    roomy, cluster = _costs(four_layers, None, blocks=4)
+    one = interop.search(roomy, interop.submeshes(cluster))
+    # a budget below what one stage needs even with microbatching and checkpointing
+    tight, _ = _costs(four_layers, 5e5, blocks=4)
+    many = interop.search(tight, interop.submeshes(cluster))
+    assert len(one.stages) == 1
+    assert many is not None and len(many.stages) > 1
+    assert all(s.memory <= 5e5 for s in many.stages)
+    assert many.step_time > one.step_time
+    assert sum(b - a for a, b in many.layers) == 4
