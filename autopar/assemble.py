@@ -26,13 +26,13 @@ def fingerprint(captured: CapturedGraph) -> str:
     return hashlib.sha1(repr(parts).encode()).hexdigest()[:16]
 
 
-def stage(problem: ShardingProblem, solution: ShardingSolution, *, index: int = 0,
-          layers: tuple[int, int] | None = None) -> tuple[Stage, list[CollectiveRecord]]:
+def placements(problem: ShardingProblem, choice: dict[int, int],
+               units=None) -> tuple[dict[str, NodePlan], dict[str, ParamPlan]]:
+    """Per node and parameter of `units` (default: all), the placements `choice` gives them."""
     ctx = problem.context
     nodes, params = {}, {}
-    totals = {"compute": 0.0, "comm": 0.0, "optimizer": 0.0, "activations": 0.0, "state": 0.0}
-    for unit in problem.units:
-        strategy = problem.strategies[unit.canonical][solution.choice[unit.canonical]]
+    for unit in problem.units if units is None else units:
+        strategy = problem.strategies[unit.canonical][choice[unit.canonical]]
         for m, name in enumerate(unit.members):
             info = ctx.captured.nodes[name]
             sharding = strategy.members[m]
@@ -43,6 +43,16 @@ def stage(problem: ShardingProblem, solution: ShardingSolution, *, index: int = 
             params[ctx.roles.params[arg.name]] = ParamPlan(
                 shape=tuple(arg.meta["val"].shape), use=held.use, storage=held.storage, grad=held.grad,
                 level=held.level)
+    return nodes, params
+
+
+def stage(problem: ShardingProblem, solution: ShardingSolution, *, index: int = 0,
+          layers: tuple[int, int] | None = None) -> tuple[Stage, list[CollectiveRecord]]:
+    ctx = problem.context
+    nodes, params = placements(problem, solution.choice)
+    totals = {"compute": 0.0, "comm": 0.0, "optimizer": 0.0, "activations": 0.0, "state": 0.0}
+    for unit in problem.units:
+        strategy = problem.strategies[unit.canonical][solution.choice[unit.canonical]]
         for key in totals:
             totals[key] += getattr(strategy, key)
     edge_time = sum(e.count * e.cost[e.rows[solution.choice[e.src]]][e.cols[solution.choice[e.dst]]]

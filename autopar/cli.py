@@ -81,7 +81,7 @@ def _plan(args: argparse.Namespace) -> int:
     budget = args.memory_budget * 1e9 if args.memory_budget else None
     plan = plan_graph(graph, _cluster_from(args), model_name=args.model, strategy=args.strategy,
                       precision=args.precision, optimizer=args.optimizer, memory_budget=budget,
-                      time_limit=args.time_limit)
+                      time_limit=args.time_limit, pipeline={"auto": None, "on": True, "off": False}[args.pipeline])
     print(plan.summary())
     if args.out:
         plan.save(args.out)
@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", type=float, default=None, metavar="GB",
                    help="usable memory per device in GB (default: 90%% of the device)")
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds per ILP solve (default: %(default)s)")
+    p.add_argument("--pipeline", default="off", choices=["auto", "on", "off"],
+                   help="pipeline stages: on searches them too, auto only when one stage cannot fit "
+                        "(default: %(default)s)")
     p.add_argument("--out", default=None, help="write the plan as JSON here")
     _cluster_args(p)
     p.set_defaults(run=_plan)

@@ -54,7 +54,8 @@ def compile(model: nn.Module, cluster: Cluster | None = None, *, example_inputs:
     captured = capture(model, example_inputs, loss_fn=loss_fn, target=target)  # 2
     if plan is None:  # 3
         plan = _plan_on_rank_zero(captured, cluster, type(model).__name__, strategy=strategy, precision=precision,
-                                  memory_budget=memory_budget, time_limit=time_limit)
+                                  memory_budget=memory_budget, time_limit=time_limit,
+                                  pipeline=False)  # the runtime runs one stage
     _check(plan, captured)  # 4
     if len(plan.stages) != 1:
         raise ValueError(f"plan: found {len(plan.stages)} pipeline stages, required 1 for this runtime")

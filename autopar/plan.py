@@ -90,13 +90,21 @@ class Stage:
     nodes: dict[str, NodePlan]
     params: dict[str, ParamPlan]
     cost: Cost
+    checkpoint: bool = False
+    """Activation checkpointing at layer boundaries (layers run forward again in backward)."""
+    microbatch_time: float = 0.0
+    """Seconds per microbatch, forward and backward, transfers included (pipelined plans)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Schedule:
     kind: str = "none"
-    """"none" (one stage), later "gpipe", "1f1b", "interleaved", "zero-bubble"."""
+    """"none" (one stage), "gpipe", "1f1b", "interleaved", "zero-bubble" (`passes.schedules`)."""
     microbatches: int = 1
+    virtual: int = 1
+    """Chunks per device (interleaved)."""
+    bubble: float = 0.0
+    """Idle / work of the schedule with equal stages."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

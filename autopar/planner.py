@@ -16,6 +16,7 @@ With `strategy` a baseline's name, steps 2 and 3 solve only that baseline, on it
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from autopar.cluster import Cluster
 from autopar.cost.memory import normalize_precision
 from autopar.errors import InfeasibleError
 from autopar.graph import CapturedGraph
-from autopar.plan import STRATEGIES, Comparison, MeshResult, Plan, Schedule, SearchReport
+from autopar.plan import STRATEGIES, Comparison, Cost, MeshResult, Plan, Schedule, SearchReport
 from autopar.units import fmt_bytes
 from autopar.vocab import LogicalMesh, candidate_meshes
 from autopar.passes import baselines
@@ -38,11 +39,15 @@ from autopar.passes.sharding import ShardingOptions, ShardingProblem, build_prob
 
 logger = logging.getLogger(__name__)
 
+MAX_BLOCKS = 16
+"""Layers are clustered into at most this many blocks before the stage DP (Alpa's layer clustering)."""
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero-bubble")
+
 
 def plan(model: nn.Module, cluster: Cluster, *, example_inputs: tuple, loss_fn: Callable | None = None,
          target: Any = None, strategy: str = "auto", precision: str = "fp32", optimizer: str = "adamw",
          memory_budget: float | None = None, time_limit: float = 60.0,
-         zero_levels: tuple[int, ...] = (0, 1, 2, 3)) -> Plan:
+         zero_levels: tuple[int, ...] = (0, 1, 2, 3), pipeline: bool | None = False) -> Plan:
     """The fastest plan for one training step of `model` on `cluster` that fits in memory.
 
     `strategy`: "auto" searches everything; "dp", "zero1", "zero2", "fsdp", "tp", "dp+tp", "sp" give
@@ -50,19 +55,20 @@ def plan(model: nn.Module, cluster: Cluster, *, example_inputs: tuple, loss_fn: 
     device). `time_limit`: seconds per ILP solve; the best plan found by then is returned, with a
     warning. `zero_levels`: the parameter storage levels the search may use (0 DDP, 1-2 ZeRO, 3
     FSDP); pass (0,) when the optimizer is not element-wise (Shampoo, LAMB), since sharding its state
-    would change what it computes. Raises `InfeasibleError` when nothing fits, with the memory
-    needed and available.
+    would change what it computes. `pipeline`: True also searches pipeline stages (`passes.interop`)
+    and keeps them when faster; None searches them only when no single-stage plan fits; False
+    (default) never: the runtime runs single-stage plans. Raises `InfeasibleError` when nothing fits, with the memory needed and available.
     """
     captured = capture(model, example_inputs, loss_fn=loss_fn, target=target)
     return plan_graph(captured, cluster, model_name=type(model).__name__, strategy=strategy, precision=precision,
                       optimizer=optimizer, memory_budget=memory_budget, time_limit=time_limit,
-                      zero_levels=zero_levels)
+                      zero_levels=zero_levels, pipeline=pipeline)
 
 
 def plan_graph(captured: CapturedGraph, cluster: Cluster, *, model_name: str = "model", strategy: str = "auto",
                precision: str = "fp32", optimizer: str = "adamw", memory_budget: float | None = None,
                time_limit: float = 60.0, meshes: list[LogicalMesh] | None = None,
-               zero_levels: tuple[int, ...] = (0, 1, 2, 3)) -> Plan:
+               zero_levels: tuple[int, ...] = (0, 1, 2, 3), pipeline: bool | None = False) -> Plan:
     """`plan` for a graph already captured."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: found {strategy!r}, required one of {', '.join(STRATEGIES)}")
@@ -92,6 +98,12 @@ def plan_graph(captured: CapturedGraph, cluster: Cluster, *, model_name: str = "
         for solution in found:
             if best is None or solution.step_time < best[1].step_time:
                 best = (problem, solution)
+    if strategy == "auto" and (pipeline or (pipeline is None and best is None)):
+        piped = _pipelined(captured, cluster, options, time_limit, model_name)
+        if piped is not None and (best is None or piped.cost.step_time < best[1].step_time):
+            return dataclasses.replace(piped, baselines=tuple(comparisons), warnings=tuple(warnings) + piped.warnings,
+                                       search=dataclasses.replace(piped.search, meshes=tuple(tried) + piped.search.meshes,
+                                                                  seconds=time.perf_counter() - start))
     if best is None:
         raise _nothing_fits(strategy, cluster, floors, comparisons)
     problem, solution = best
@@ -107,6 +119,46 @@ def plan_graph(captured: CapturedGraph, cluster: Cluster, *, model_name: str = "
                 optimizer=optimizer, cluster=cluster, stages=(one,), schedule=Schedule(), cost=one.cost,
                 collectives=tuple(sorted(collectives, key=lambda c: -c.time * c.count)), search=report,
                 baselines=tuple(comparisons), warnings=tuple(warnings))
+
+
+def _pipelined(captured: CapturedGraph, cluster: Cluster, options: ShardingOptions, time_limit: float,
+               model_name: str) -> Plan | None:
+    """The best plan with pipeline stages (`passes.interop`), or None when no split fits."""
+    from autopar.passes import interop, schedules
+
+    if len(captured.layers) < 2:
+        return None
+    start = time.perf_counter()
+    batch = captured.nodes[captured.inputs[0]].output.shape[0]
+    options = dataclasses.replace(options, levels=tuple(l for l in options.levels if l < 3) or (0,))
+    costs = interop.StageCosts(captured, cluster, options, interop.cluster_layers(captured, MAX_BLOCKS), batch,
+                               time_limit)
+    found = interop.search(costs, interop.submeshes(cluster), schedules_=PIPELINE_SCHEDULES)
+    if found is None:
+        return None
+    stages = interop.assemble(found, costs)
+    p, m = len(stages), found.microbatches
+    kind = found.schedule
+    virtual = schedules.VIRTUAL if kind == "interleaved" else 1
+    schedule = Schedule(kind=kind, microbatches=m, virtual=virtual,
+                        bubble=schedules.bubble_fraction(kind, p, m, virtual) if p > 1 else 0.0)
+    slowest = max(stages, key=lambda s: s.cost.step_time)
+    dtype = "fp32" if options.precision == "fp32" else options.precision
+    model_flops = captured.flops + captured.backward_flops
+    cost = Cost(step_time=found.step_time, compute=slowest.cost.compute, communication=slowest.cost.communication,
+                optimizer=slowest.cost.optimizer, peak_memory=max(s.cost.peak_memory for s in stages),
+                activations=max(s.cost.activations for s in stages),
+                parameter_state=max(s.cost.parameter_state for s in stages),
+                mfu=model_flops / found.step_time / (cluster.num_devices * cluster.device.peak(dtype)))
+    report = SearchReport(solver="HiGHS", status="optimal", gap=0.0, variables=0, constraints=0,
+                          seconds=time.perf_counter() - start,
+                          meshes=(MeshResult(shape=(p, *slowest.mesh.shape), step_time=found.step_time,
+                                             note=f"{p} stages"),))
+    warnings = (f"pipelined plan: stage costs scale the whole-batch graph by 1/{m} per microbatch; "
+                f"ZeRO-3 is left out of pipelined stages",) if p > 1 else ()
+    return Plan(model=model_name, fingerprint=fingerprint(captured), strategy="auto", precision=options.precision,
+                optimizer=options.optimizer, cluster=cluster, stages=stages, schedule=schedule, cost=cost,
+                collectives=(), search=report, baselines=(), warnings=warnings)
 
 
 def _meshes(cluster: Cluster, names) -> list[LogicalMesh]:

@@ -20,8 +20,16 @@ def summarize(plan: Plan) -> str:
     c = plan.cost
     lines = [f"plan for {plan.model} ({plan.strategy}, {plan.precision}, {plan.optimizer}) on {plan.cluster.describe()}"]
     for s in plan.stages:
-        lines.append(f"stage {s.index}: mesh {'×'.join(map(str, s.mesh.shape))} (devices {s.mesh.devices[0]}.."
-                     f"{s.mesh.devices[-1]}), layers {s.layers[0]}..{s.layers[1] - 1}")
+        line = (f"stage {s.index}: mesh {'×'.join(map(str, s.mesh.shape))} (devices {s.mesh.devices[0]}.."
+                f"{s.mesh.devices[-1]}), layers {s.layers[0]}..{s.layers[1] - 1}")
+        if len(plan.stages) > 1:
+            line += (f"; {fmt_seconds(s.microbatch_time)} per microbatch, busy {fmt_seconds(s.cost.step_time)}, "
+                     f"memory {fmt_bytes(s.cost.peak_memory)}" + (", checkpointed" if s.checkpoint else ""))
+        lines.append(line)
+    if plan.schedule.kind != "none":
+        sch = plan.schedule
+        chunks = f", {sch.virtual} chunks per device" if sch.kind == "interleaved" else ""
+        lines.append(f"schedule: {sch.kind}, {sch.microbatches} microbatches{chunks}, bubble {sch.bubble:.1%} of work")
     budget = plan.cluster.device.memory
     lines += [
         f"predicted step {fmt_seconds(c.step_time)}: compute {fmt_seconds(c.compute)}, communication "

@@ -36,7 +36,9 @@ from dataclasses import dataclass
 from autopar.cluster import Cluster
 from autopar.cost.comm import CommModel
 from autopar.errors import InfeasibleError
+from autopar.assemble import placements
 from autopar.graph import CapturedGraph
+from autopar.plan import Cost, Stage
 from autopar.vocab import LogicalMesh, candidate_meshes, shard_count
 from autopar.passes import schedules
 from autopar.passes.ilp import solve
@@ -53,6 +55,7 @@ class PartPlan:
     """One intra-op plan of a part on a mesh: per-step sums over one instance of the part."""
 
     choice: tuple[tuple[int, int], ...]
+    compute: float
     work: float
     """Compute and per-microbatch communication (activations, reshards), whole batch, seconds."""
     forward: float
@@ -147,12 +150,19 @@ class _Parts:
             else:
                 self.part_of[u.index] = "pre" if u.index < first_layer_unit else "post"
         self._plans: dict[str, list[PartPlan]] = {}
+        # edges between layers of different signatures: a stage pays for the ones whose both ends it holds
+        self.cross = [(e, s, d) for e in problem.edges for s, d in e.occurrences  # the sides count their own
+                      if self.part_of[s].startswith("layer:") and self.part_of[d].startswith("layer:")
+                      and self.part_of[s] != self.part_of[d]]
 
     def in_part(self, part: str, unit: int) -> bool:
-        """Units counted in one instance of `part` (a layer part: its representative layer)."""
+        """Units counted in one instance of `part` (a layer part: its representative layer; "ends":
+        both sides together, for a stage that holds the whole model)."""
         u = self.problem.units[unit]
         if part.startswith("layer:"):
             return u.layer == self.representative[part.removeprefix("layer:")]
+        if part == "ends":
+            return self.part_of[unit] in ("pre", "post")
         return self.part_of[unit] == part
 
     def plans(self, part: str) -> list[PartPlan]:
@@ -167,9 +177,12 @@ class _Parts:
             if self.in_part(part, u.index) or u.kind == "input":
                 counts[u.canonical] = counts[u.canonical] + (0 if u.kind == "input" else 1)
         edges = []
-        for e in problem.edges:
-            n = sum(1 for s, d in e.occurrences if self.in_part(part, d)
-                    and (self.in_part(part, s) or problem.units[s].kind == "input"))
+        side = not part.startswith("layer:")  # embedding or head side: also its edges to the layers and
+        for e in problem.edges:               # to the other side, whose plans are then held fixed
+            n = sum(1 for s, d in e.occurrences if
+                    (self.in_part(part, d) and (self.in_part(part, s) or problem.units[s].kind == "input"
+                                                or self.part_of[s] == part or side))
+                    or (side and self.in_part(part, s) and self.part_of[d].startswith("layer:")))
             if n:
                 edges.append(dataclasses.replace(e, count=n))
         keep = {c for c, n in counts.items() if n} | {x for e in edges for x in (e.src, e.dst)}
@@ -178,7 +191,15 @@ class _Parts:
 
     def _solve(self, part: str) -> list[PartPlan]:
         scoped = self._scoped(part)
-        allowed = lambda u, s: all(h.level < 3 for h in s.params.values())  # noqa: E731
+        fixed: dict[int, int] = {}
+        if part in ("pre", "post", "ends"):  # the layers (and the embedding side, for the head) as planned
+            for other in [p for p in dict.fromkeys(self.part_of.values()) if p.startswith("layer:")] + (
+                    ["pre"] if part == "post" else []):
+                for c, i in self.plans(other)[0].choice if self.plans(other) else ():
+                    if c in scoped.strategies and scoped.counts.get(c, 0) == 0:
+                        fixed[c] = i
+        allowed = lambda u, s: (all(h.level < 3 for h in s.params.values()) and  # noqa: E731
+                                (u not in fixed or scoped.strategies[u][fixed[u]] is s))
         scoped.budget = 1e18  # unconstrained: the stage, not the part, must fit
         found = []
         try:
@@ -200,11 +221,12 @@ class _Parts:
         return sorted(plans.values(), key=lambda p: p.work + p.once)
 
     def _measure(self, part: str, scoped: ShardingProblem, choice: dict[int, int]) -> PartPlan:
-        work = forward = once = activations = state = boundary = 0.0
+        compute = work = forward = once = activations = state = boundary = 0.0
         captured = self.problem.captured
         for c, n in scoped.counts.items():
             s: Strategy = scoped.strategies[c][choice[c]]
             share = _forward_share(captured, self.problem.units[c].members)
+            compute += n * s.compute
             work += n * (s.compute + s.comm - s.sync - s.gathers)
             forward += n * s.compute * share
             once += n * (s.sync + s.optimizer)
@@ -219,7 +241,7 @@ class _Parts:
                 shards = max(shards, _batch_shards(placed, self.problem.mesh.shape))
         if part.startswith("layer:"):
             boundary = self._boundary_bytes(part, scoped, choice)
-        return PartPlan(choice=tuple(sorted(choice.items())), work=work, forward=forward, once=once,
+        return PartPlan(choice=tuple(sorted(choice.items())), compute=compute, work=work, forward=forward, once=once,
                         activations=activations, boundary=boundary, state=state, batch_shards=shards)
 
     def _boundary_bytes(self, part: str, scoped: ShardingProblem, choice: dict[int, int]) -> float:
@@ -312,17 +334,32 @@ class StageCosts:
         parts = self.parts(mesh)
         first, last = self.blocks[a][0], self.blocks[b - 1][1]
         counts: dict[str, int] = {}
-        if a == 0:
+        whole = a == 0 and b == len(self.blocks)
+        if a == 0 and not whole:
             counts["pre"] = 1
         for layer in range(first, last):
             key = f"layer:{self.signature[layer]}"
             counts[key] = counts.get(key, 0) + 1
-        if b == len(self.blocks):
+        if whole:
+            counts["ends"] = 1  # embedding and head planned together (a tied weight joins them)
+        elif b == len(self.blocks):
             counts["post"] = 1
         plans = {part: parts.plans(part) for part in counts}
         if any(not p for p in plans.values()):
             return None
         pick = {part: 0 for part in counts}
+        units = parts.problem.units
+
+        def inside(u: int) -> bool:
+            where = parts.part_of[u]
+            return (where == "pre" and a == 0) or (where == "post" and b == len(self.blocks)) or (
+                units[u].layer is not None and first <= units[u].layer < last)
+
+        cross = [(e, parts.part_of[s], parts.part_of[d]) for e, s, d in parts.cross if inside(s) and inside(d)]
+
+        def edges() -> float:
+            chosen = {part: dict(plans[part][pick[part]].choice) for part in counts}
+            return sum(e.cost[e.rows[chosen[ps][e.src]]][e.cols[chosen[pd][e.dst]]] for e, ps, pd in cross)
 
         def evaluate() -> tuple[float, float, float]:
             time = once = state = kept = largest = 0.0
@@ -337,7 +374,7 @@ class StageCosts:
                     largest = max(largest, plan.activations)
                 else:
                     kept += n * plan.activations * k
-            return time / m, once, state + (kept + largest) / m
+            return (time + edges()) / m, once, state + (kept + largest) / m
 
         time, once, memory = evaluate()
         while memory > self.budget:  # trade time for memory where it buys the most
@@ -441,3 +478,44 @@ def _dp(costs: StageCosts, submesh_list: list[_Submesh], kind: str, m: int, p: i
     layers = tuple((costs.blocks[o.blocks[0]][0], costs.blocks[o.blocks[1] - 1][1]) for o in stages)
     return PipelinePlan(stages=stages, layers=layers, schedule=kind if p > 1 else "none", microbatches=m,
                         step_time=step, problems=costs.problems())
+
+
+def assemble(result: PipelinePlan, costs: StageCosts) -> tuple[Stage, ...]:
+    """The plan's stages: each stage's nodes and parameters with the placements its parts chose,
+    on its own devices (stages take consecutive device ranges, first stage first)."""
+    out, first = [], 0
+    last_index = len(result.stages) - 1
+    device = costs.cluster.device
+    dtype = "fp32" if costs.options.precision == "fp32" else costs.options.precision
+    for i, (choice_, layers) in enumerate(zip(result.stages, result.layers)):
+        parts = costs._parts[choice_.mesh_shape]
+        choice: dict[int, int] = {}
+        for _, plan in choice_.plans:
+            choice.update(dict(plan.choice))
+        units = []
+        for u in parts.problem.units:
+            where = parts.part_of[u.index]
+            inside = (u.layer is not None and layers[0] <= u.layer < layers[1]) or (where == "pre" and i == 0) or (
+                where == "post" and i == last_index) or (where == "input" and i in (0, last_index))
+            if inside:
+                choice.setdefault(u.canonical, 0)
+                units.append(u)
+        nodes, params = placements(parts.problem, choice, units)
+        m = result.microbatches
+        scale = {part: 0 for part, _ in choice_.plans}
+        for layer in range(*layers):
+            scale[f"layer:{costs.signature[layer]}"] += 1
+        scale.update({p: 1 for p in scale if not p.startswith("layer:")})
+        compute = sum(scale[p] * plan.compute for p, plan in choice_.plans)
+        state = sum(scale[p] * plan.state for p, plan in choice_.plans)
+        busy = m * choice_.time + choice_.once
+        flops = sum(costs.captured.nodes[n].flops + costs.captured.nodes[n].backward_flops for n in nodes)
+        cost = Cost(step_time=busy, compute=compute, communication=max(busy - compute - choice_.once, 0.0),
+                    optimizer=sum(scale[p] * plan.once for p, plan in choice_.plans), peak_memory=choice_.memory,
+                    activations=choice_.memory - state, parameter_state=state,
+                    mfu=flops / result.step_time / (choice_.devices * device.peak(dtype)))
+        out.append(Stage(index=i, layers=layers, mesh=LogicalMesh.build(costs.cluster, choice_.mesh_shape, first),
+                         nodes=nodes, params=params, cost=cost, checkpoint=choice_.checkpoint,
+                         microbatch_time=choice_.time))
+        first += choice_.devices
+    return tuple(out)
