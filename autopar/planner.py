@@ -74,6 +74,9 @@ def plan_graph(captured: CapturedGraph, cluster: Cluster, *, model_name: str = "
         raise ValueError(f"strategy: found {strategy!r}, required one of {', '.join(STRATEGIES)}")
     if not time_limit > 0:
         raise ValueError(f"time_limit: found {time_limit!r}, required > 0 seconds")
+    if pipeline and strategy != "auto":
+        raise ValueError(f"pipeline: found strategy {strategy!r} with pipeline stages, required strategy 'auto' "
+                         f"(the named strategies are single-stage families)")
     options = ShardingOptions(precision=normalize_precision(precision), optimizer=optimizer,
                               memory_budget=memory_budget, levels=tuple(zero_levels))
     start = time.perf_counter()

@@ -7,10 +7,9 @@ microbatches, the schedule, and activation checkpointing per stage.
 1. Blocks. The captured layers, clustered into at most `max_blocks` contiguous blocks of balanced
    FLOPs (Alpa's layer clustering); the ops before the first layer (embedding) go with the first
    block and those after the last (head, loss) with the last.
-2. Stage costs from the intra-op pass, solved once per (part, logical mesh): a part is the
-   embedding side, the head side, or one distinct layer signature; identical layers share it. Each
-   part's ILP is solved unconstrained and under a few memory budgets, keeping every distinct plan
-   (time against memory); a stage's cost is the sum of its parts under the fastest combination of
+2. Stage costs from the intra-op pass, solved once per (part, logical mesh) (`passes.parts`): a
+   part is the embedding side, the head side, or one distinct layer signature; identical layers
+   share it. A stage's cost is the sum of its parts under the fastest combination of
    those plans that fits the device with the activations the schedule keeps alive, with or
    without checkpointing at layer boundaries.
 3. The DP (Alpa, Zheng et al. 2022, §5.2): for each bound t_max on the per-microbatch stage time,
@@ -28,47 +27,19 @@ DeepSpeed rules it out likewise); a tied parameter used in two stages is counted
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
 
 from autopar.cluster import Cluster
 from autopar.cost.comm import CommModel
-from autopar.errors import InfeasibleError
 from autopar.assemble import placements
 from autopar.graph import CapturedGraph
 from autopar.plan import Cost, Stage
-from autopar.vocab import LogicalMesh, candidate_meshes, shard_count
+from autopar.vocab import LogicalMesh, candidate_meshes
 from autopar.passes import schedules
-from autopar.passes.ilp import solve
-from autopar.passes.rules import tensor_args
-from autopar.passes.sharding import ShardingOptions, ShardingProblem, build_problem
-from autopar.passes.strategies import Strategy
-
-BUDGET_FRACTIONS = (0.5, 0.25, 0.1)
-"""Memory budgets, as fractions of a part's unconstrained plan, under which it is solved again."""
-
-
-@dataclass(frozen=True, slots=True)
-class PartPlan:
-    """One intra-op plan of a part on a mesh: per-step sums over one instance of the part."""
-
-    choice: tuple[tuple[int, int], ...]
-    compute: float
-    work: float
-    """Compute and per-microbatch communication (activations, reshards), whole batch, seconds."""
-    forward: float
-    """The forward share of `work`'s compute: what checkpointing runs again."""
-    once: float
-    """Gradient synchronization and optimizer step, once per step."""
-    activations: float
-    """Bytes saved for backward, whole batch."""
-    boundary: float
-    """Bytes of the part's inputs from the previous layer: all a checkpointed layer keeps."""
-    state: float
-    batch_shards: int
-    """How many ways the batch dimension of the part's input is split."""
+from autopar.passes.parts import Parts, PartPlan
+from autopar.passes.sharding import ShardingOptions, build_problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,13 +63,13 @@ class PipelinePlan:
     schedule: str
     microbatches: int
     step_time: float
-    problems: dict
-    """(mesh shape) → the ShardingProblem the stage plans index into."""
 
 
 def cluster_layers(captured: CapturedGraph, max_blocks: int) -> list[tuple[int, int]]:
     """Contiguous layer ranges, at most `max_blocks`, minimizing the largest block's FLOPs
     (embedding and head counted with the first and last layer)."""
+    if max_blocks < 1:
+        raise ValueError(f"max_blocks: found {max_blocks}, required >= 1")
     layers = captured.layers
     if not layers:
         return []
@@ -128,157 +99,6 @@ def cluster_layers(captured: CapturedGraph, max_blocks: int) -> list[tuple[int, 
     starts = (0, *cuts[:-1])
     return list(zip(starts, cuts))
 
-
-class _Parts:
-    """The parts of one sharding problem (embedding side, head side, one per layer signature) and
-    their plans, solved on first use."""
-
-    def __init__(self, problem: ShardingProblem, time_limit: float) -> None:
-        self.problem, self.time_limit = problem, time_limit
-        units, captured = problem.units, problem.captured
-        first_layer_unit = min((u.index for u in units if u.layer is not None), default=len(units))
-        self.part_of: dict[int, str] = {}
-        signature_of = {l.index: l.signature for l in captured.layers}
-        self.representative: dict[str, int] = {}
-        for u in units:
-            if u.kind == "input":
-                self.part_of[u.index] = "input"
-            elif u.layer is not None:
-                sig = signature_of[u.layer]
-                self.representative.setdefault(sig, u.layer)
-                self.part_of[u.index] = f"layer:{sig}"
-            else:
-                self.part_of[u.index] = "pre" if u.index < first_layer_unit else "post"
-        self._plans: dict[str, list[PartPlan]] = {}
-        # edges between layers of different signatures: a stage pays for the ones whose both ends it holds
-        self.cross = [(e, s, d) for e in problem.edges for s, d in e.occurrences  # the sides count their own
-                      if self.part_of[s].startswith("layer:") and self.part_of[d].startswith("layer:")
-                      and self.part_of[s] != self.part_of[d]]
-
-    def in_part(self, part: str, unit: int) -> bool:
-        """Units counted in one instance of `part` (a layer part: its representative layer; "ends":
-        both sides together, for a stage that holds the whole model)."""
-        u = self.problem.units[unit]
-        if part.startswith("layer:"):
-            return u.layer == self.representative[part.removeprefix("layer:")]
-        if part == "ends":
-            return self.part_of[unit] in ("pre", "post")
-        return self.part_of[unit] == part
-
-    def plans(self, part: str) -> list[PartPlan]:
-        if part not in self._plans:
-            self._plans[part] = self._solve(part)
-        return self._plans[part]
-
-    def _scoped(self, part: str) -> ShardingProblem:
-        problem = self.problem
-        counts = {c: 0 for c in problem.strategies}
-        for u in problem.units:
-            if self.in_part(part, u.index) or u.kind == "input":
-                counts[u.canonical] = counts[u.canonical] + (0 if u.kind == "input" else 1)
-        edges = []
-        side = not part.startswith("layer:")  # embedding or head side: also its edges to the layers and
-        for e in problem.edges:               # to the other side, whose plans are then held fixed
-            n = sum(1 for s, d in e.occurrences if
-                    (self.in_part(part, d) and (self.in_part(part, s) or problem.units[s].kind == "input"
-                                                or self.part_of[s] == part or side))
-                    or (side and self.in_part(part, s) and self.part_of[d].startswith("layer:")))
-            if n:
-                edges.append(dataclasses.replace(e, count=n))
-        keep = {c for c, n in counts.items() if n} | {x for e in edges for x in (e.src, e.dst)}
-        return dataclasses.replace(problem, counts={c: counts[c] for c in keep},
-                                   strategies={c: problem.strategies[c] for c in keep}, edges=edges, fixed_memory=0.0)
-
-    def _solve(self, part: str) -> list[PartPlan]:
-        scoped = self._scoped(part)
-        fixed: dict[int, int] = {}
-        if part in ("pre", "post", "ends"):  # the layers (and the embedding side, for the head) as planned
-            for other in [p for p in dict.fromkeys(self.part_of.values()) if p.startswith("layer:")] + (
-                    ["pre"] if part == "post" else []):
-                for c, i in self.plans(other)[0].choice if self.plans(other) else ():
-                    if c in scoped.strategies and scoped.counts.get(c, 0) == 0:
-                        fixed[c] = i
-        allowed = lambda u, s: (all(h.level < 3 for h in s.params.values()) and  # noqa: E731
-                                (u not in fixed or scoped.strategies[u][fixed[u]] is s))
-        scoped.budget = 1e18  # unconstrained: the stage, not the part, must fit
-        found = []
-        try:
-            first = solve(scoped, time_limit=self.time_limit, allowed=allowed)
-        except InfeasibleError:
-            return []
-        found.append(first.choice)
-        top = first.memory
-        for fraction in BUDGET_FRACTIONS:
-            scoped.budget = top * fraction
-            try:
-                found.append(solve(scoped, time_limit=self.time_limit, allowed=allowed, warm_start=first.choice).choice)
-            except InfeasibleError:
-                break
-        plans = {}
-        for choice in found:
-            plan = self._measure(part, scoped, choice)
-            plans[plan.choice] = plan
-        return sorted(plans.values(), key=lambda p: p.work + p.once)
-
-    def _measure(self, part: str, scoped: ShardingProblem, choice: dict[int, int]) -> PartPlan:
-        compute = work = forward = once = activations = state = boundary = 0.0
-        captured = self.problem.captured
-        for c, n in scoped.counts.items():
-            s: Strategy = scoped.strategies[c][choice[c]]
-            share = _forward_share(captured, self.problem.units[c].members)
-            compute += n * s.compute
-            work += n * (s.compute + s.comm - s.sync - s.gathers)
-            forward += n * s.compute * share
-            once += n * (s.sync + s.optimizer)
-            activations += n * s.activations
-            state += n * s.state
-        for e in scoped.edges:
-            work += e.count * e.cost[e.rows[choice[e.src]]][e.cols[choice[e.dst]]]
-        shards = 1
-        for u in self.problem.units:
-            if u.kind == "input" and u.canonical in choice:
-                placed = scoped.strategies[u.canonical][choice[u.canonical]].members[0].outputs[0]
-                shards = max(shards, _batch_shards(placed, self.problem.mesh.shape))
-        if part.startswith("layer:"):
-            boundary = self._boundary_bytes(part, scoped, choice)
-        return PartPlan(choice=tuple(sorted(choice.items())), compute=compute, work=work, forward=forward, once=once,
-                        activations=activations, boundary=boundary, state=state, batch_shards=shards)
-
-    def _boundary_bytes(self, part: str, scoped: ShardingProblem, choice: dict[int, int]) -> float:
-        """Per device: the activations entering the layer from outside it, as the layer takes them
-        (all that a checkpointed layer keeps for backward)."""
-        problem, total, seen = self.problem, 0.0, set()
-        layer = self.representative[part.removeprefix("layer:")]
-        for u in problem.units:
-            if u.layer != layer:
-                continue
-            strategy = scoped.strategies[u.canonical][choice[u.canonical]]
-            for m, name in enumerate(u.members):
-                for j, arg in enumerate(tensor_args(problem.context.fx_nodes[name])):
-                    if arg.name in seen or arg.name not in problem.context.roles.activations:
-                        continue
-                    if problem.units[problem.context.unit_of[arg.name]].layer == layer:
-                        continue
-                    seen.add(arg.name)
-                    placed = strategy.members[m].inputs[j]
-                    total += problem.context.nbytes(arg.name) / shard_count(placed, problem.mesh.shape)
-        return total
-
-
-def _forward_share(captured: CapturedGraph, members: list[str]) -> float:
-    fwd = sum(captured.nodes[n].flops for n in members)
-    bwd = sum(captured.nodes[n].backward_flops for n in members)
-    return fwd / (fwd + bwd) if fwd + bwd else 0.0
-
-
-def _batch_shards(placements, mesh_shape: tuple[int, ...]) -> int:
-    n = 1
-    for p, size in zip(placements, mesh_shape):
-        if getattr(p, "dim", None) == 0:
-            n *= size
-    return n
-
-
 @dataclass(frozen=True, slots=True)
 class _Submesh:
     devices: int
@@ -307,19 +127,31 @@ class StageCosts:
         self.captured, self.cluster, self.options, self.blocks = captured, cluster, options, blocks
         self.batch, self.time_limit = batch, time_limit
         self.budget = options.memory_budget or cluster.device.memory * (1 - options.workspace)
-        self._parts: dict[tuple[int, ...], _Parts] = {}
+        self._parts: dict[tuple[int, ...], Parts] = {}
         self._memo: dict[tuple, StageChoice | None] = {}
         self.signature = {l.index: l.signature for l in captured.layers}
 
-    def parts(self, mesh: LogicalMesh) -> _Parts:
-        if mesh.shape not in self._parts:
-            problem = build_problem(self.captured, LogicalMesh.build(self.cluster, mesh.shape), self.cluster,
-                                    self.options)
-            self._parts[mesh.shape] = _Parts(problem, self.time_limit)
-        return self._parts[mesh.shape]
+    def parts(self, shape: tuple[int, ...]) -> Parts:
+        """The parts of the sharding problem on a mesh of this shape (built on first use)."""
+        if shape not in self._parts:
+            problem = build_problem(self.captured, LogicalMesh.build(self.cluster, shape), self.cluster, self.options)
+            self._parts[shape] = Parts(problem, self.time_limit)
+        return self._parts[shape]
 
-    def problems(self) -> dict[tuple[int, ...], ShardingProblem]:
-        return {shape: parts.problem for shape, parts in self._parts.items()}
+    def part_counts(self, a: int, b: int) -> dict[str, int]:
+        """How many instances of each part blocks [a, b) hold."""
+        counts: dict[str, int] = {}
+        whole = a == 0 and b == len(self.blocks)
+        if a == 0 and not whole:
+            counts["pre"] = 1
+        for layer in range(self.blocks[a][0], self.blocks[b - 1][1]):
+            key = f"layer:{self.signature[layer]}"
+            counts[key] = counts.get(key, 0) + 1
+        if whole:
+            counts["ends"] = 1  # embedding and head planned together (a tied weight joins them)
+        elif b == len(self.blocks):
+            counts["post"] = 1
+        return counts
 
     def stage(self, a: int, b: int, submesh: _Submesh, microbatches: int, in_flight: float) -> StageChoice | None:
         key = (a, b, submesh.devices, microbatches, in_flight)
@@ -331,19 +163,9 @@ class StageCosts:
         return self._memo[key]
 
     def _on_mesh(self, a: int, b: int, mesh: LogicalMesh, m: int, k: float, ckpt: bool) -> StageChoice | None:
-        parts = self.parts(mesh)
+        parts = self.parts(mesh.shape)
         first, last = self.blocks[a][0], self.blocks[b - 1][1]
-        counts: dict[str, int] = {}
-        whole = a == 0 and b == len(self.blocks)
-        if a == 0 and not whole:
-            counts["pre"] = 1
-        for layer in range(first, last):
-            key = f"layer:{self.signature[layer]}"
-            counts[key] = counts.get(key, 0) + 1
-        if whole:
-            counts["ends"] = 1  # embedding and head planned together (a tied weight joins them)
-        elif b == len(self.blocks):
-            counts["post"] = 1
+        counts = self.part_counts(a, b)
         plans = {part: parts.plans(part) for part in counts}
         if any(not p for p in plans.values()):
             return None
@@ -471,13 +293,12 @@ def _dp(costs: StageCosts, submesh_list: list[_Submesh], kind: str, m: int, p: i
             t = schedules.step_time(kind, [o.time for o in stages], m, [o.once for o in stages])
             if best is None or t < best[0]:
                 best = (t, stages)
-            del t
     if best is None:
         return None
     step, stages = best
     layers = tuple((costs.blocks[o.blocks[0]][0], costs.blocks[o.blocks[1] - 1][1]) for o in stages)
     return PipelinePlan(stages=stages, layers=layers, schedule=kind if p > 1 else "none", microbatches=m,
-                        step_time=step, problems=costs.problems())
+                        step_time=step)
 
 
 def assemble(result: PipelinePlan, costs: StageCosts) -> tuple[Stage, ...]:
@@ -488,7 +309,7 @@ def assemble(result: PipelinePlan, costs: StageCosts) -> tuple[Stage, ...]:
     device = costs.cluster.device
     dtype = "fp32" if costs.options.precision == "fp32" else costs.options.precision
     for i, (choice_, layers) in enumerate(zip(result.stages, result.layers)):
-        parts = costs._parts[choice_.mesh_shape]
+        parts = costs.parts(choice_.mesh_shape)
         choice: dict[int, int] = {}
         for _, plan in choice_.plans:
             choice.update(dict(plan.choice))
@@ -502,10 +323,7 @@ def assemble(result: PipelinePlan, costs: StageCosts) -> tuple[Stage, ...]:
                 units.append(u)
         nodes, params = placements(parts.problem, choice, units)
         m = result.microbatches
-        scale = {part: 0 for part, _ in choice_.plans}
-        for layer in range(*layers):
-            scale[f"layer:{costs.signature[layer]}"] += 1
-        scale.update({p: 1 for p in scale if not p.startswith("layer:")})
+        scale = costs.part_counts(*choice_.blocks)
         compute = sum(scale[p] * plan.compute for p, plan in choice_.plans)
         state = sum(scale[p] * plan.state for p, plan in choice_.plans)
         busy = m * choice_.time + choice_.once

@@ -80,8 +80,3 @@ def microbatch_counts(batch: int, limit: int = 64) -> list[int]:
         raise ValueError(f"batch: found {batch}, required >= 1")
     return [m for m in range(1, min(batch, limit) + 1) if batch % m == 0]
 
-
-def describe(kind: str, stages: int, microbatches: int, virtual: int = VIRTUAL) -> str:
-    bubble = bubble_fraction(kind, stages, microbatches, virtual)
-    extra = f", {virtual} chunks per device" if kind == "interleaved" else ""
-    return f"{kind}, {microbatches} microbatches{extra}, bubble {bubble:.1%} of work" if stages > 1 else "none"

@@ -206,3 +206,12 @@ def test_cbc_solves_when_highs_fails(monkeypatch):
     fallback = plan_graph(graph, cluster)
     assert fallback.search.solver == "CBC"
     assert fallback.cost.step_time == pytest.approx(expected.cost.step_time, rel=1e-9)
+
+
+def test_pipeline_stages_need_the_auto_search():
+    entry = autopar.models.get("gpt-tiny")
+    inputs, target = entry.example_batch(4)
+    model = entry.build(device="meta")
+    with pytest.raises(ValueError, match="pipeline: found strategy 'dp'"):
+        autopar.plan(model, autopar.Cluster.preset("h100", gpus_per_node=2), example_inputs=inputs,
+                     loss_fn=entry.loss_fn, target=target, strategy="dp", pipeline=True)

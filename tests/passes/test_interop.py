@@ -55,6 +55,8 @@ def test_layer_clustering_balances_flops(four_layers):
     assert interop.cluster_layers(four_layers, 8) == [(0, 1), (1, 2), (2, 3), (3, 4)]
     two = interop.cluster_layers(four_layers, 2)
     assert len(two) == 2 and two[0][0] == 0 and two[-1][1] == 4 and two[0][1] == two[1][0]
+    with pytest.raises(ValueError, match="max_blocks: found 0"):
+        interop.cluster_layers(four_layers, 0)
 
 
 def _costs(captured, budget, blocks=3):
