@@ -57,8 +57,8 @@ def compile(model: nn.Module, cluster: Cluster | None = None, *, example_inputs:
                                   memory_budget=memory_budget, time_limit=time_limit,
                                   pipeline=False)  # the runtime runs one stage
     _check(plan, captured)  # 4
-    if len(plan.stages) != 1:
-        raise ValueError(f"plan: found {len(plan.stages)} pipeline stages, required 1 for this runtime")
+    if len(plan.stages) > 1 or plan.schedule.kind != "none":
+        return _compile_pipeline(model, captured, plan, example_inputs, loss_fn, target, optimizer, timeout)
     stage = plan.stages[0]
     world = World.create(stage.mesh, timeout)
     state = {k: v for k, v in itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers())}
@@ -68,7 +68,7 @@ def compile(model: nn.Module, cluster: Cluster | None = None, *, example_inputs:
         holders[name] = make_holder(name, param_plan, full, _raw_grad(captured, stage, name), state[name].requires_grad,
                                     world, bucketed=world.size > 1)
     groups = _groups(captured, stage, holders, world)
-    buffers, buffer_placements = _buffers(captured, stage, state, world)
+    buffers, buffer_placements = _buffers(captured, stage, _state_values(captured, state, world.device))
     program, layout = lower(captured, stage, world, holders)  # 6
     return CompiledModel(captured=captured, plan=plan, world=world, holders=holders, groups=groups, program=program,
                          layout=layout,
@@ -107,14 +107,85 @@ def _check(plan: Plan, captured: CapturedGraph) -> None:
                          f"launch with --nproc {plan.num_devices} or plan for {world} device(s)")
 
 
-def _from_rank_zero(tensor: torch.Tensor, world: World) -> torch.Tensor:
+def _compile_pipeline(model: nn.Module, captured: CapturedGraph, plan: Plan, example_inputs: tuple, loss_fn, target,
+                      optimizer, timeout: float):
+    """A plan with stages: the step captured again at one microbatch (the programs' shapes), a world
+    per stage mesh, and each of this rank's stages lowered with what it receives and sends."""
+    from autopar.passes.split import check_pipeline
+    from autopar.runtime.lower import Boundary
+    from autopar.runtime.pipeline import Chunk, PipelineModel, crossings
+    from autopar.runtime.sync import GradientSync, bucketed
+
+    m = plan.schedule.microbatches
+    micro = capture(model, _first_microbatch(example_inputs, m), loss_fn=loss_fn,
+                    target=None if target is None else _first_microbatch(target, m))
+    if list(micro.nodes) != list(captured.nodes):
+        raise ValueError(f"pipeline: the step captured at one microbatch of {m} has other ops than the whole "
+                         f"batch's; required a model whose graph does not depend on the batch size")
+    check_pipeline(plan, captured, micro)
+    worlds = World.stages([s.mesh for s in plan.stages], timeout)
+    device = next(iter(worlds.values())).device
+    state = {k: v for k, v in itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers())}
+    whole = {name: _from_rank_zero(state[name], device) for name in captured.params}  # every rank, one order
+    values = _state_values(captured, state, device)
+    links = crossings(plan, captured)
+    planned = frozenset(n for s in plan.stages for n in s.nodes)
+    chunks = []
+    for j, stage in enumerate(plan.stages):
+        world = worlds.get(stage.mesh)
+        if world is None:
+            continue
+        holders = {name: make_holder(name, param_plan, whole[name], _raw_grad(micro, stage, name),
+                                     state[name].requires_grad, world, bucketed=world.size > 1)
+                   for name, param_plan in stage.params.items()}
+        groups = _groups(micro, stage, holders, world)
+        buffers, placements = _buffers(micro, stage, values)
+        boundary = Boundary(received=tuple(l.name for l in links if j in l.consumers),
+                            sent=tuple(l.name for l in links if l.producer == j), planned=planned,
+                            microbatched=m > 1)
+        program, layout = lower(micro, stage, world, holders, boundary)
+        order = [holders[n] for n in layout.params]
+        sync = GradientSync([h for h in order if bucketed(h)], world) if world.size > 1 else None
+        chunks.append(Chunk(index=j, stage=stage, world=world, holders=holders, groups=groups, program=program,
+                            layout=layout, buffers=buffers, buffer_placements=placements, sync=sync))
+    return PipelineModel(captured=captured, micro=micro, plan=plan, chunks=chunks, links=links,
+                         state_keys=list(model.state_dict()), optimizer_factory=optimizer)
+
+
+def _first_microbatch(tree, m: int):
+    def first(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        if x.ndim == 0 or x.shape[0] % m:
+            raise ValueError(f"inputs: found a tensor of shape {tuple(x.shape)}, required a batch dimension (dim 0) "
+                             f"that the plan's {m} microbatches divide")
+        return x[: x.shape[0] // m]
+
+    from torch.utils import _pytree as pytree
+
+    return pytree.tree_map(first, tree)
+
+
+def _from_rank_zero(tensor: torch.Tensor, device: torch.device | World) -> torch.Tensor:
+    """Rank 0's value, on every rank of the job (every rank must call, in one order)."""
     if tensor.device.type == "meta":
         raise ValueError("parameters: found tensors on the meta device, required materialized ones (build the "
                          "model on a real device; plan on meta with autopar.plan)")
-    value = tensor.detach().to(world.device).clone()
-    if world.size > 1:
+    value = tensor.detach().to(device.device if isinstance(device, World) else device).clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(value, src=0)
     return value
+
+
+def _state_values(captured: CapturedGraph, state: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """Buffers and lifted constants by placeholder, rank 0's values."""
+    program = captured.program
+    signature = program.graph_signature
+    values = {placeholder: _from_rank_zero(state[fqn.removeprefix("model.")], device)
+              for placeholder, fqn in signature.inputs_to_buffers.items()}
+    for placeholder, name in signature.inputs_to_lifted_tensor_constants.items():
+        values[placeholder] = _from_rank_zero(program.constants[name], device)
+    return values
 
 
 def _first_use(captured: CapturedGraph, stage, placeholder: str):
@@ -150,18 +221,16 @@ def _groups(captured: CapturedGraph, stage, holders: dict, world: World) -> list
     return form_groups(ordered, layer_of, world)
 
 
-def _buffers(captured: CapturedGraph, stage, state: dict, world: World):
+def _buffers(captured: CapturedGraph, stage, whole: dict[str, torch.Tensor]):
+    """This stage's buffers (each its own copy) and the placements of those an op updates where split."""
     program = captured.program
     signature = program.graph_signature
-    values, placements = {}, {}
+    values, placements = {n: v.clone() for n, v in whole.items()}, {}
     for placeholder, fqn in signature.inputs_to_buffers.items():
         key = fqn.removeprefix("model.")
-        values[placeholder] = _from_rank_zero(state[key], world)
         for node in program.graph.nodes:  # a buffer an op updates where it is split (batch norm's stats)
             if node.name in stage.nodes and node.target is torch.ops.aten.batch_norm.default:
                 for j, arg in enumerate(tensor_args(node)):
                     if arg.name == placeholder:
                         placements[key] = stage.nodes[node.name].inputs[j]
-    for placeholder, name in signature.inputs_to_lifted_tensor_constants.items():
-        values[placeholder] = _from_rank_zero(program.constants[name], world)
     return values, placements

@@ -166,7 +166,8 @@ class Plan:
 
     @property
     def num_devices(self) -> int:
-        return sum(s.mesh.size for s in self.stages)
+        """Distinct devices (interleaved chunks share their group's)."""
+        return len({d for s in self.stages for d in s.mesh.devices})
 
     def to_json(self) -> str:
         return json.dumps(to_data(self), indent=1)

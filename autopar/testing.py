@@ -12,6 +12,8 @@ dict. Messages are JSON over pipes; nothing is pickled. A case that raises comes
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -74,9 +76,10 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     plan = autopar.Plan.from_json(case["plan"]) if case.get("plan") else None
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     cluster = autopar.Cluster.preset("cpu", gpus_per_node=world)
-    compiled = autopar.compile(model, cluster, example_inputs=inputs, loss_fn=entry.loss_fn, target=target,
-                               optimizer=_optimizer(case), plan=plan,
-                               strategy=case["strategy"], timeout=case["timeout"])
+    with _reused_captures(json.dumps([case["model"], case.get("overrides", {}), case["dtype"]])):
+        compiled = autopar.compile(model, cluster, example_inputs=inputs, loss_fn=entry.loss_fn, target=target,
+                                   optimizer=_optimizer(case), plan=plan,
+                                   strategy=case["strategy"], timeout=case["timeout"])
     try:
         losses = []
         crash = case.get("crash")  # {"rank": r, "step": k}: that rank dies as step k begins
@@ -91,6 +94,31 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
                 "strategy": compiled.plan.strategy, "mesh": list(compiled.plan.stages[0].mesh.shape)}
     finally:
         compiled.close()
+
+
+_CAPTURES: dict[tuple, Any] = {}
+
+
+@contextlib.contextmanager
+def _reused_captures(model_key: str):
+    """Inside a pool worker, cases that build the same zoo model reuse its captured step for the
+    same input shapes (capture is deterministic; torch.export is the slow part of a small case)."""
+    import autopar.compiler as compiler
+
+    original = compiler.capture
+
+    def capture(model, example_inputs, **kwargs):
+        leaves = torch.utils._pytree.tree_leaves((example_inputs, kwargs.get("target")))
+        key = (model_key, tuple((tuple(x.shape), str(x.dtype)) for x in leaves if isinstance(x, torch.Tensor)))
+        if key not in _CAPTURES:
+            _CAPTURES[key] = original(model, example_inputs, **kwargs)
+        return _CAPTURES[key]
+
+    compiler.capture = capture
+    try:
+        yield
+    finally:
+        compiler.capture = original
 
 
 def _worker(rank: int, world: int, port: int, conn, timeout: float = 120.0) -> None:
@@ -358,17 +386,18 @@ def squeezed_plan(model: str, world: int, dtype: str = "float32") -> str:
     raise AssertionError(f"{model} on {world} ranks: no plan within its replicated memory")
 
 
-def check_runtime(strategy: str, dump: str) -> dict[str, Any]:
-    """State dict, forward-only call and dump of a compiled gpt-tiny, on every rank: what differs
-    from the single-device model (empty lists when nothing does) and the dump's path."""
+def check_runtime(strategy: str, dump: str, plan: str | None = None) -> dict[str, Any]:
+    """State dict, forward-only call and dump of a compiled gpt-tiny (4 layers), on every rank: what
+    differs from the single-device model (empty lists when nothing does) and the dump's path."""
     import autopar
     from autopar import models
 
     entry = models.get("gpt-tiny")
-    model = entry.build(seed=0)
+    model = entry.build(seed=0, n_layers=4)
     inputs, target = entry.example_batch(8)
     compiled = autopar.compile(model, autopar.Cluster.local(), example_inputs=inputs, loss_fn=entry.loss_fn,
-                               target=target, optimizer=lambda ps: torch.optim.AdamW(ps), strategy=strategy)
+                               target=target, optimizer=lambda ps: torch.optim.AdamW(ps), strategy=strategy,
+                               plan=autopar.Plan.from_json(plan) if plan else None)
     try:
         expected = model.state_dict()
         state = compiled.state_dict()
@@ -415,3 +444,53 @@ def check_memory(strategy: str) -> dict[str, int]:
                                           for h in holders if h.plan.level in (1, 2))}}
     finally:
         compiled.close()
+
+
+def pipeline_plan(model: str, world: int, pipeline: dict[str, Any], strategy: str = "auto", dtype: str = "float32",
+                  batch: int = 8, overrides: dict | None = None) -> str:
+    """A pipelined plan (JSON) for a zoo model on `world` local ranks: `strategy`'s one-stage plan
+    for world / stages devices, cut into `pipeline` (`passes.split.PipelineSpec`'s fields)."""
+    import autopar
+    from autopar.passes.split import PipelineSpec, split
+
+    spec = PipelineSpec(**pipeline)
+    graph, one = _one_stage(model, world // spec.stages, strategy, dtype, batch, json.dumps(overrides or {}))
+    return split(one, graph, autopar.Cluster.preset("cpu", gpus_per_node=world), spec).to_json()
+
+
+@functools.lru_cache(maxsize=32)
+def _one_stage(model: str, devices: int, strategy: str, dtype: str, batch: int, overrides: str):
+    import autopar
+    from autopar import models
+    from autopar.planner import plan_graph
+
+    entry = models.get(model)
+    case = {**DEFAULTS, "model": model, "dtype": dtype, "batch": batch, "overrides": json.loads(overrides)}
+    net = entry.build(device="meta", dtype=getattr(torch, dtype), **case["overrides"])
+    inputs, target = _batch(entry, case, 0)
+    graph = autopar.capture(net, tuple(x.to("meta") for x in inputs), loss_fn=entry.loss_fn, target=target.to("meta"))
+    cluster = autopar.Cluster.preset("cpu", gpus_per_node=devices)
+    return graph, plan_graph(graph, cluster, model_name=model, strategy=strategy)
+
+
+def differences(case: dict[str, Any], got: dict[str, Any], *, parameters: bool) -> list[str]:
+    """How a case's result differs from the single-device run (empty when it does not): losses
+    within rtol 1e-5 in fp32 and 1e-10 in fp64; with `parameters`, every parameter and buffer
+    within rtol 1e-8, atol 1e-10."""
+    if "error" in got:
+        return [got["error"] + "\n" + got.get("traceback", "")]
+    ref = reference(case)
+    rel = 1e-10 if case.get("dtype") == "float64" else 1e-5
+    out = [f"losses: found {got['losses']}, required {ref['losses']} (rtol {rel:g})"
+           for _ in [0] if len(got["losses"]) != len(ref["losses"]) or not all(
+               math.isclose(a, b, rel_tol=rel) for a, b in zip(got["losses"], ref["losses"]))]
+    if parameters:
+        if set(got["state"]) != set(ref["state"]):
+            out.append(f"state keys: found {sorted(got['state'])}, required {sorted(ref['state'])}")
+        for key in sorted(set(got["state"]) & set(ref["state"])):
+            try:
+                torch.testing.assert_close(torch.tensor(got["state"][key]), torch.tensor(ref["state"][key]),
+                                           rtol=1e-8, atol=1e-10)
+            except AssertionError as e:
+                out.append(f"{key}: {e}")
+    return out

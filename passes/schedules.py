@@ -80,3 +80,96 @@ def microbatch_counts(batch: int, limit: int = 64) -> list[int]:
         raise ValueError(f"batch: found {batch}, required >= 1")
     return [m for m in range(1, min(batch, limit) + 1) if batch % m == 0]
 
+
+
+# -- the order each device runs its work in ----------------------------------------------------------
+
+ACTIONS = ("F", "B", "I", "W")
+"""Forward; backward; the input-gradient and weight-gradient halves of a backward (zero-bubble)."""
+
+
+def actions(kind: str, stages: int, microbatches: int, virtual: int = 1) -> list[list[tuple[str, int, int]]]:
+    """Per device group g (0 first), its work in order: (action, chunk, microbatch), where chunk
+    c·p + g is the model chunk g runs as its c-th (interleaved: v chunks per group; otherwise v = 1).
+
+    GPipe: every forward, then every backward. 1F1B: group g runs min(p - g - 1, m) warm-up
+    forwards, then alternates one forward and one backward, then drains (PipeDream-Flush).
+    Interleaved 1F1B (Megatron-LM): microbatches go through the chunks in rounds of p, warm-up
+    (p - g - 1)·2 + (v - 1)·p forwards. Zero-bubble (ZB-H1, Qi et al. 2023): 1F1B's order with each
+    backward split into its input-gradient half I, on the critical path, and its weight-gradient
+    half W, deferred by p - g - 1 microbatches so that it fills the drain."""
+    _check(kind, stages, microbatches, virtual)
+    if kind != "interleaved" and virtual != 1:
+        raise ValueError(f"schedule {kind}: found {virtual} chunks per device, required 1 (only interleaved has more)")
+    p, m, v = stages, microbatches, virtual
+    for extra in range(m * v + 1):  # interleaved rounds that do not divide m may need a longer warm-up
+        orders = [_group_order(kind, p, m, v, g, extra) for g in range(p)]
+        try:
+            check_order(orders, m, v)
+            return orders
+        except ValueError:
+            if extra == m * v:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _group_order(kind: str, p: int, m: int, v: int, g: int, extra: int) -> list[tuple[str, int, int]]:
+    if kind == "gpipe":
+        return ([("F", c, k) for c in range(v) for k in range(m)] +
+                [("B", c, k) for c in reversed(range(v)) for k in range(m)])
+    forwards = [(c, k) for start in range(0, m, p) for c in range(v) for k in range(start, min(start + p, m))]
+    backwards = [(c, k) for start in range(0, m, p) for c in reversed(range(v)) for k in range(start, min(start + p, m))]
+    warm = min((p - g - 1) * 2 + (v - 1) * p + extra if kind == "interleaved" else p - g - 1, m * v)
+    order = [("F", *f) for f in forwards[:warm]]
+    for i, f in enumerate(forwards[warm:]):
+        order += [("F", *f), ("B", *backwards[i])]
+    order += [("B", *b) for b in backwards[len(forwards) - warm:]]
+    return _split_backward(order, p - g - 1) if kind == "zero-bubble" else order
+
+
+def _split_backward(order: list[tuple[str, int, int]], defer: int) -> list[tuple[str, int, int]]:
+    """Each B becomes I at once and W after `defer` more I's (all W's at the end, in order)."""
+    out, waiting = [], []
+    for action, c, k in order:
+        if action != "B":
+            out.append((action, c, k))
+            continue
+        out.append(("I", c, k))
+        waiting.append(("W", c, k))
+        if len(waiting) > defer:
+            out.append(waiting.pop(0))
+    return out + waiting
+
+
+def check_order(orders: list[list[tuple[str, int, int]]], microbatches: int, virtual: int = 1) -> None:
+    """Runs the orders with blocking receives and non-blocking sends (as the runtime does): raises
+    `ValueError` naming the stuck groups when they would deadlock, or when work is missing."""
+    p, m, v = len(orders), microbatches, virtual
+    last = p * v - 1
+    done: set[tuple[str, int, int]] = set()  # (kind, model chunk, microbatch)
+    position = [0] * p
+
+    def ready(g: int, action: str, c: int, k: int) -> bool:
+        chunk = c * p + g
+        if action == "F":
+            return chunk == 0 or ("F", chunk - 1, k) in done
+        if action == "W":
+            return ("I", chunk, k) in done
+        after = ("F", chunk, k) in done
+        return after and (chunk == last or ("B", chunk + 1, k) in done or ("I", chunk + 1, k) in done)
+
+    while any(position[g] < len(orders[g]) for g in range(p)):
+        moved = False
+        for g in range(p):
+            while position[g] < len(orders[g]) and ready(g, *orders[g][position[g]]):
+                action, c, k = orders[g][position[g]]
+                done.add((action, c * p + g, k))
+                position[g] += 1
+                moved = True
+        if not moved:
+            stuck = {g: orders[g][position[g]] for g in range(p) if position[g] < len(orders[g])}
+            raise ValueError(f"pipeline order deadlocks: groups wait at {stuck}")
+    for chunk in range(p * v):
+        for k in range(m):
+            if ("F", chunk, k) not in done or not (("B", chunk, k) in done or ("W", chunk, k) in done):
+                raise ValueError(f"pipeline order: chunk {chunk} misses microbatch {k}")

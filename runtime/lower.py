@@ -56,25 +56,44 @@ class Layout:
     counts: list[tuple[str, int]] = field(default_factory=list)
     """Extra inputs after the user's: for each mean loss over a split batch, the user input holding
     its targets and the ignore_index; the step passes the whole batch's count of targets."""
+    received: list[str] = field(default_factory=list)
+    """Pipeline stages: values earlier stages computed, whole, as the program's very first inputs."""
     values: dict[str, tuple[str, Placements]] = field(default_factory=dict)
     """Each original node: the lowered node holding its local value, and that value's placement
     (for inspection: `autopar.testing.first_difference`)."""
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """What a pipeline stage's program exchanges with the other stages."""
+
+    received: tuple[str, ...]
+    """Values computed by earlier stages: inputs, whole on every rank of this stage."""
+    sent: tuple[str, ...]
+    """Values later stages read: outputs, made whole (their gradients come back whole)."""
+    planned: frozenset[str]
+    """Every planned op of the whole plan: an op outside it is a constant, computed where needed."""
+    microbatched: bool = False
+    """The batch is cut into microbatches: a cross-entropy mean divides by the whole batch's count."""
 
 
 class _Program(nn.Module):
     """The root of the lowered GraphModule: holds its reshard, kernel and gather modules."""
 
 
-def lower(captured: CapturedGraph, stage: Stage, world: World, holders: dict[str, Holder]) -> tuple[
-        fx.GraphModule, Layout]:
+def lower(captured: CapturedGraph, stage: Stage, world: World, holders: dict[str, Holder],
+          boundary: Boundary | None = None) -> tuple[fx.GraphModule, Layout]:
+    """`boundary`: for a stage of a pipeline, what it receives and sends; its program then runs
+    only the stage's ops (and the constants they read)."""
     graph_roles = roles(captured)
-    builder = _Builder(captured, stage, world, holders, graph_roles)
+    builder = _Builder(captured, stage, world, holders, graph_roles, boundary)
     return builder.build()
 
 
 class _Builder:
-    def __init__(self, captured, stage: Stage, world: World, holders, graph_roles) -> None:
+    def __init__(self, captured, stage: Stage, world: World, holders, graph_roles, boundary: Boundary | None) -> None:
         self.captured, self.stage, self.world, self.holders, self.roles = captured, stage, world, holders, graph_roles
+        self.boundary = boundary
         self.graph = fx.Graph()
         self.root = _Program()
         self.env: dict[str, tuple[fx.Node, tuple[Placements, ...]]] = {}
@@ -89,10 +108,13 @@ class _Builder:
         program = self.captured.program
         layout = Layout(params=[], buffers=[], inputs=[], outputs=[])
         param_of = {p.placeholder: p.name for p in self.captured.params.values()}
+        for name in self.boundary.received if self.boundary else ():
+            self.env[name] = (self.graph.placeholder(f"received_{name}"), (self.replicated,))
+            layout.received.append(name)
         for node in program.graph.nodes:
             if node.op == "placeholder":
                 self._placeholder(node, param_of, layout)
-            elif node.op == "call_function" and node.name not in self.roles.ignored:
+            elif node.op == "call_function" and node.name not in self.roles.ignored and self._runs(node):
                 self._call(node)
         layout.counts = self.counts
         for name, (local, placements) in self.env.items():
@@ -100,20 +122,34 @@ class _Builder:
                 layout.values[name] = (local.name, placements[0])
         values = []
         for name in filter(None, self.captured.outputs):
-            local, placements = self.env[name]
-            values.append(local)
-            layout.outputs.append((name, placements[0]))
+            if self.boundary is None or name in self.stage.nodes:
+                local, placements = self.env[name]
+                values.append(local)
+                layout.outputs.append((name, placements[0]))
+        nodes = {n.name: n for n in program.graph.nodes}
+        for name in self.boundary.sent if self.boundary else ():
+            grad = self.replicated if self.captured.nodes[name].requires_grad else None
+            values.append(self._bring(nodes[name], self.replicated, grad))
+            layout.outputs.append((name, self.replicated))
         self.graph.output(tuple(values))
         module = fx.GraphModule(self.root, self.graph, class_name="LoweredStep")
         return module, layout
 
     # -- inputs ---------------------------------------------------------------------------------
 
+    def _runs(self, node: fx.Node) -> bool:
+        """Whether this program computes the node: all of them, or in a pipeline stage its own ops
+        and the constants (unplanned ops) whose inputs it has."""
+        if self.boundary is None or node.name in self.stage.nodes:
+            return True
+        return node.name not in self.boundary.planned and node.name not in self.env and all(
+            a.name in self.env for a in node.all_input_nodes)
+
     def _placeholder(self, node: fx.Node, param_of: dict[str, str], layout: Layout) -> None:
         if node.name in param_of:
             name = param_of[node.name]
-            if not node.users:
-                return  # a tied parameter's second name, or a parameter no op reads
+            if not any(u.name in self.stage.nodes or self.boundary is None for u in node.users):
+                return  # a tied parameter's second name, or a parameter no op (of this stage) reads
             holder = self.holders.get(name) or self.holders[_tied(self.captured, name, self.holders)]
             leaf = self.graph.placeholder(f"p_{len(layout.params)}")
             layout.params.append(holder.name)
@@ -121,7 +157,7 @@ class _Builder:
             self.placeholder_of[id(holder)] = node.name
             self.pending[node.name] = holder  # gathered where it is first used (FSDP: not all up front)
         elif node.name in self.roles.inputs:
-            placed = self.stage.nodes[node.name].outputs[0]
+            placed = self.stage.nodes[node.name].outputs[0] if node.name in self.stage.nodes else self.replicated
             layout.inputs.append((node.name, placed))
             self.env[node.name] = (self.graph.placeholder(node.name), (placed,))
         else:
@@ -149,6 +185,11 @@ class _Builder:
             kernel = _kernel(node, plan, self.world)
             if isinstance(kernel, (kernels.BatchMeanLoss, kernels.VocabCrossEntropy)):
                 kwargs = {**kwargs, **self._count(node)}
+            elif kernel is None and self.boundary and self.boundary.microbatched and (
+                    node.target is aten.cross_entropy_loss.default):
+                count = self._count(node)  # a microbatch's sum over the whole batch's count: the sums add up
+                if count:
+                    kernel, kwargs = kernels.BatchMeanLoss(self.world, ()), {**kwargs, **count}
             value = (self._module(kernel, node.target.__name__.split(".")[0], *args, **kwargs) if kernel is not None
                      else self.graph.call_function(node.target, args, kwargs))
         self.env[node.name] = (value, plan.outputs)

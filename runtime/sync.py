@@ -46,12 +46,16 @@ class GradientSync:
                     current, size = [], 0
             if current:
                 self.buckets.append(_Bucket(current, axes))
+        self.armed = False
+        """Gradients accumulate without being reduced until `start` (a pipeline's earlier microbatches)."""
         self._where = {id(h.leaf): (b, i) for b in self.buckets for i, h in enumerate(b.holders)}
         for b in self.buckets:
             for h in b.holders:
                 h.leaf.register_post_accumulate_grad_hook(self._ready)
 
     def _ready(self, leaf: torch.Tensor) -> None:
+        if not self.armed:
+            return
         bucket, index = self._where[id(leaf)]
         bucket.ready.add(index)
         if len(bucket.ready) == len(bucket.holders) and len(bucket.axes) == 1:
@@ -66,12 +70,14 @@ class GradientSync:
                 bucket.work = work
 
     def start(self) -> None:
+        self.armed = True
         for b in self.buckets:
             b.ready.clear()
             b.buffer, b.work = None, None
 
     def finish(self) -> None:
         """After backward: every bucket reduced (waiting for the ones in flight), sums written back."""
+        self.armed = False
         try:
             for b in self.buckets:
                 if b.buffer is None:

@@ -54,6 +54,8 @@ class World:
     groups: list
     """One process group per mesh axis (None in a one-process world)."""
     timeout: float = DEFAULT_TIMEOUT
+    processes: int = 0
+    """Processes in the whole job (more than `size` for a pipeline stage's world); 0: `size`."""
     _heart: threading.Thread | None = field(default=None, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -78,6 +80,35 @@ class World:
         world._start_heartbeat()
         return world
 
+    @classmethod
+    def stages(cls, meshes: list[LogicalMesh], timeout: float = DEFAULT_TIMEOUT) -> dict[LogicalMesh, World]:
+        """A world per distinct mesh this rank belongs to (pipeline stages): every rank creates every
+        axis group of every mesh, in one order (`new_group` is collective over the whole job)."""
+        init_from_env(timeout)
+        initialized = dist.is_available() and dist.is_initialized()
+        processes = dist.get_world_size() if initialized else 1
+        needed = len({d for mesh in meshes for d in mesh.devices})
+        if processes != needed:
+            raise ValueError(f"world size: found {processes} process(es), required {needed} (the plan's devices "
+                             f"over {len(meshes)} pipeline stages); launch with --nproc {needed} or re-plan")
+        rank, device = (dist.get_rank() if initialized else 0), _device(initialized)
+        out: dict[LogicalMesh, World] = {}
+        for mesh in dict.fromkeys(meshes):
+            groups: list = [None] * mesh.ndim
+            for axis in range(mesh.ndim):
+                for members in mesh.groups(axis):
+                    group = dist.new_group(list(members)) if processes > 1 else None
+                    if rank in members:
+                        groups[axis] = group
+            if rank in mesh.devices:
+                out[mesh] = cls(rank=rank, size=mesh.size, device=device, mesh=mesh, coordinate=mesh.coordinate(rank),
+                                groups=groups, timeout=timeout, processes=processes)
+        first = next(iter(out.values()))
+        first._start_heartbeat()
+        for world in out.values():
+            world._stop = first._stop
+        return out
+
     def axis_rank(self, axis: int) -> int:
         return self.coordinate[axis]
 
@@ -87,7 +118,7 @@ class World:
     # -- failures ---------------------------------------------------------------------------------
 
     def _store(self):
-        if self.size == 1:
+        if max(self.size, self.processes) == 1:
             return None
         return dist.distributed_c10d._get_default_store()
 
@@ -113,12 +144,12 @@ class World:
         if store is None:
             return []
         now, silent = time.time(), []
-        for r in range(self.size):
+        for r in range(max(self.size, self.processes)):
             try:
                 last = float(store.get(f"autopar/heartbeat/{r}").decode()) if store.check(
                     [f"autopar/heartbeat/{r}"]) else 0.0
             except Exception:  # noqa: BLE001 - an unreachable store says as much as a silent rank
-                return [r for r in range(self.size) if r != self.rank]
+                return [r for r in range(max(self.size, self.processes)) if r != self.rank]
             if now - last > older_than:
                 silent.append(r)
         return silent

@@ -1,0 +1,197 @@
+"""Pipeline stages from a one-stage plan: Megatron-style uniform pipelines, and the checks every
+pipelined plan must pass before it runs.
+
+Takes a one-stage `Plan` (any strategy, planned for the devices of one stage), the captured graph
+and a `PipelineSpec`; gives the same plan cut into p·v chunks of consecutive layers, chunk j on
+device group j mod p (v chunks per group for the interleaved schedule), each group a copy of the
+one-stage mesh on its own devices. Ops outside the layers go with the layer before them (the
+embedding with the first chunk, the head and loss with the last); the model's inputs go to every
+chunk that reads them; a parameter goes to every chunk that reads it (a tied embedding is held by
+the first and the last, its gradients summed across them).
+
+    spec = PipelineSpec(stages=2, microbatches=4, schedule="1f1b")
+    piped = split(one_stage_plan, captured, cluster, spec)
+
+Costs, stated: each chunk's time is the one-stage plan's compute and communication scaled by the
+chunk's share of the FLOPs and by 1/m per microbatch; the step follows `passes.schedules`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from autopar.cluster import Cluster
+from autopar.graph import CapturedGraph
+from autopar.plan import Cost, Plan, Schedule, Stage
+from autopar.vocab import LogicalMesh, shard_count
+from autopar.passes import schedules
+from autopar.passes.rules import tensor_args
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSpec:
+    """A pipeline chosen by hand: `stages` device groups, `microbatches` per step, the schedule,
+    and chunks per group (`virtual`, interleaved only)."""
+
+    stages: int
+    microbatches: int = 1
+    schedule: str = "1f1b"
+    virtual: int = 1
+
+    def __post_init__(self) -> None:
+        if self.schedule == "interleaved" and self.virtual == 1:
+            object.__setattr__(self, "virtual", schedules.VIRTUAL)
+        schedules.actions(self.schedule, self.stages, self.microbatches, self.virtual)  # checks the values
+
+
+def layer_ranges(layers: int, chunks: int) -> list[tuple[int, int]]:
+    """`layers` consecutive layers cut into `chunks` ranges of equal size (the first ones one
+    larger when they do not divide), as Megatron-LM assigns layers to stages."""
+    if chunks == 1:
+        return [(0, layers)]
+    if not 1 <= chunks <= layers:
+        raise ValueError(f"pipeline: found {layers} repeated layer(s) at capture for {chunks} chunk(s), required "
+                         f"at least one layer per chunk (fewer stages, or a model with repeated blocks)")
+    size, rest = divmod(layers, chunks)
+    out, start = [], 0
+    for j in range(chunks):
+        end = start + size + (1 if j < rest else 0)
+        out.append((start, end))
+        start = end
+    return out
+
+
+def chunk_of(captured: CapturedGraph, ranges: list[tuple[int, int]]) -> dict[str, int]:
+    """Each call_function node's chunk: its layer's; a node outside the layers goes with the last
+    layer before it (chunk 0 when none), a tuple's item with the tuple."""
+    by_layer = {layer: j for j, (a, b) in enumerate(ranges) for layer in range(a, b)}
+    out, current = {}, 0
+    for node in captured.program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        layer = captured.nodes[node.name].layer if node.name in captured.nodes else None
+        if layer is not None:
+            current = by_layer[layer]
+        source = node.args[0] if node.args else None
+        if node.target.__name__ == "getitem" and hasattr(source, "name") and source.name in out:
+            out[node.name] = out[source.name]
+        else:
+            out[node.name] = current
+    return out
+
+
+def split(plan: Plan, captured: CapturedGraph, cluster: Cluster, spec: PipelineSpec) -> Plan:
+    """`plan` (one stage) as a pipeline of `spec.stages` groups on `cluster`."""
+    if len(plan.stages) != 1:
+        raise ValueError(f"pipeline: found a plan with {len(plan.stages)} stages, required a one-stage plan to cut")
+    one = plan.stages[0]
+    p, v, m = spec.stages, spec.virtual, spec.microbatches
+    if p * one.mesh.size > cluster.num_devices:
+        raise ValueError(f"pipeline: {p} stages of {one.mesh.size} device(s) need {p * one.mesh.size}, found "
+                         f"{cluster.num_devices} in {cluster.describe()}")
+    ranges = layer_ranges(len(captured.layers), p * v)
+    chunks = chunk_of(captured, ranges)
+    graph = {n.name: n for n in captured.program.graph.nodes}
+    param_of = {info.placeholder: name for name, info in captured.params.items()}
+    members: list[dict] = [{} for _ in ranges]
+    used: list[set[str]] = [set() for _ in ranges]
+    for name, node_plan in one.nodes.items():
+        if name in captured.inputs:
+            continue
+        j = chunks[name]
+        members[j][name] = node_plan
+        for arg in tensor_args(graph[name]):
+            used[j].add(arg.name)
+    for name in captured.inputs:
+        for j in range(len(ranges)):
+            if name in used[j] and name in one.nodes:
+                members[j][name] = one.nodes[name]
+    flops = [sum(captured.nodes[n].flops + captured.nodes[n].backward_flops for n in nodes) for nodes in members]
+    total = sum(flops) or 1.0
+    stages = []
+    for j, (nodes, reads) in enumerate(zip(members, used)):
+        params = {}
+        for placeholder in reads:
+            name = param_of.get(placeholder)
+            if name is None:
+                continue
+            key = name if name in one.params else next(t for t in captured.params[name].tied if t in one.params)
+            params[key] = one.params[key]
+        share = flops[j] / total
+        mesh = LogicalMesh(shape=one.mesh.shape, devices=tuple(d + (j % p) * one.mesh.size for d in one.mesh.devices))
+        state = one.cost.parameter_state * (sum(math.prod(q.shape) for q in params.values()) /
+                                            max(sum(math.prod(q.shape) for q in one.params.values()), 1))
+        kept = schedules.in_flight(spec.schedule, p, m, j % p, v) if p > 1 else 1.0
+        busy = (one.cost.compute + one.cost.communication) * share
+        cost = dataclasses.replace(one.cost, step_time=busy + one.cost.optimizer * share, compute=one.cost.compute * share,
+                                   communication=one.cost.communication * share, optimizer=one.cost.optimizer * share,
+                                   activations=one.cost.activations * share * kept / m,
+                                   parameter_state=state, peak_memory=state + one.cost.activations * share * kept / m)
+        stages.append(Stage(index=j, layers=ranges[j], mesh=mesh, nodes=nodes, params=params, cost=cost,
+                            microbatch_time=busy / m))
+    group_time = [sum(s.microbatch_time for s in stages[g::p]) for g in range(p)]
+    group_once = [sum(s.cost.optimizer for s in stages[g::p]) for g in range(p)]
+    kind = spec.schedule if p > 1 or v > 1 or m > 1 else "none"  # one stage, m > 1: gradient accumulation
+    step = schedules.step_time(spec.schedule, group_time, m, group_once, v)
+    schedule = Schedule(kind=kind, microbatches=m, virtual=v,
+                        bubble=schedules.bubble_fraction(spec.schedule, p, m, v) if kind != "none" else 0.0)
+    cost = dataclasses.replace(plan.cost, step_time=step, peak_memory=max(s.cost.peak_memory for s in stages),
+                               activations=max(s.cost.activations for s in stages),
+                               parameter_state=max(s.cost.parameter_state for s in stages),
+                               mfu=plan.cost.mfu * plan.cost.step_time / step / p)
+    warning = (f"pipeline of {p} stages × {'×'.join(map(str, one.mesh.shape))} device(s) by hand: chunk costs are the one-stage "
+               f"plan's scaled by each chunk's share of the FLOPs and by 1/{m} per microbatch")
+    return dataclasses.replace(plan, cluster=cluster, stages=tuple(stages), schedule=schedule, cost=cost,
+                               collectives=(), warnings=plan.warnings + (warning,))
+
+
+def check_pipeline(plan: Plan, captured: CapturedGraph, micro: CapturedGraph) -> None:
+    """A pipelined plan runs only when every planned op is in exactly one stage, chunks sharing a
+    device group share its mesh, and each sharded dimension divides at the microbatch's size
+    (`micro`, the step captured at one microbatch). Raises `ValueError` naming what was found."""
+    p = len(plan.stages) // plan.schedule.virtual
+    if p * plan.schedule.virtual != len(plan.stages):
+        raise ValueError(f"plan: found {len(plan.stages)} stages with {plan.schedule.virtual} chunks per device "
+                         f"group, required a multiple of {plan.schedule.virtual}")
+    for j, stage in enumerate(plan.stages):
+        if stage.mesh != plan.stages[j % p].mesh:
+            raise ValueError(f"plan: stage {j} runs on {stage.mesh.describe()}, required the mesh of stage {j % p} "
+                             f"({plan.stages[j % p].mesh.describe()}), the same device group")
+    owner: dict[str, int] = {}
+    for j, stage in enumerate(plan.stages):
+        for name in stage.nodes:
+            if name in captured.inputs:
+                continue
+            if name in owner:
+                raise ValueError(f"plan: op {name} is in stages {owner[name]} and {j}, required in one")
+            owner[name] = j
+    if plan.schedule.microbatches > 1 and (norms := batch_statistics(captured)):
+        raise ValueError(f"plan: found {plan.schedule.microbatches} microbatches and batch norm in training "
+                         f"({', '.join(norms[:3])}), required 1 microbatch: its statistics would be each "
+                         f"microbatch's, not the batch's")
+    for name, node in micro.nodes.items():
+        j = owner.get(name)
+        if j is None:
+            continue
+        mesh = plan.stages[j].mesh.shape
+        for out, placed in zip(node.outputs, plan.stages[j].nodes[name].outputs):
+            for d, size in enumerate(out.shape):
+                if size % shard_count(placed, mesh, d):
+                    raise ValueError(f"plan: op {name} splits dim {d} into {shard_count(placed, mesh, d)} pieces, "
+                                     f"found size {size} at one microbatch of {plan.schedule.microbatches}; required "
+                                     f"a multiple (fewer microbatches, or a plan that splits the batch less)")
+
+
+def batch_statistics(captured: CapturedGraph) -> list[str]:
+    """Batch norms in training (the op captured is aten.batch_norm): they normalize by the batch's own
+    statistics, which microbatches would change."""
+    import torch
+
+    out = []
+    for node in captured.program.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.batch_norm.default and (
+                node.args[5] if len(node.args) > 5 else True):
+            out.append(captured.nodes[node.name].module_path or node.name)
+    return out
