@@ -13,7 +13,8 @@ from autopar.compiler import compile
 from autopar.errors import AutoparError, CaptureError, InfeasibleError
 from autopar.plan import Plan
 from autopar.planner import plan
+from autopar.passes.split import PipelineSpec
 
 __version__ = "0.1.0"
-__all__ = ["AutoparError", "CaptureError", "Cluster", "DeviceSpec", "InfeasibleError", "Link", "PeakFlops", "Plan",
-           "capture", "compile", "models", "plan"]
+__all__ = ["AutoparError", "CaptureError", "Cluster", "DeviceSpec", "InfeasibleError", "Link", "PeakFlops",
+           "PipelineSpec", "Plan", "capture", "compile", "models", "plan"]

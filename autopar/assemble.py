@@ -17,7 +17,7 @@ from autopar.vocab import R
 from autopar.passes.ilp import ShardingSolution
 from autopar.passes.rules import tensor_args
 from autopar.passes.sharding import ShardingProblem
-from autopar.passes.strategies import NodeSharding, grads_of, normalized
+from autopar.passes.strategies import NodeSharding, grads_of, normalized, param_options, split_axes
 
 
 def fingerprint(captured: CapturedGraph) -> str:
@@ -44,6 +44,28 @@ def placements(problem: ShardingProblem, choice: dict[int, int],
                 shape=tuple(arg.meta["val"].shape), use=held.use, storage=held.storage, grad=held.grad,
                 level=held.level)
     return nodes, params
+
+
+def borrowed(problem: ShardingProblem, choice: dict[int, int], units, nodes, held) -> dict[str, ParamPlan]:
+    """Parameters that `nodes` (of `units`) read and `held` lacks, because their owner is elsewhere
+    (a tied weight whose first user is in another pipeline stage): each held as its reader uses it,
+    storage level 0."""
+    ctx = problem.context
+    out: dict[str, ParamPlan] = {}
+    for unit in units:
+        strategy = problem.strategies[unit.canonical][choice[unit.canonical]]
+        for m, name in enumerate(unit.members):
+            if name not in nodes:
+                continue
+            sharding = strategy.members[m]
+            for j, arg in enumerate(tensor_args(ctx.fx_nodes[name])):
+                param = ctx.roles.params.get(arg.name)
+                if param is None or param in held or param in out:
+                    continue
+                shape = tuple(arg.meta["val"].shape)
+                (plain,) = param_options(sharding.inputs[j], split_axes(sharding), shape, problem.mesh.shape, (0,))
+                out[param] = ParamPlan(shape=shape, use=plain.use, storage=plain.storage, grad=plain.grad, level=0)
+    return out
 
 
 def stage(problem: ShardingProblem, solution: ShardingSolution, *, index: int = 0,

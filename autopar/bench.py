@@ -7,6 +7,9 @@ capture: wall time to build a zoo model on the meta device and capture its train
 (export, per-node analysis, layers), with the graph's size. Nothing is allocated.
 planner: wall time of `autopar.plan` on large models and simulated clusters, with the ILP's size,
 and the predicted step time and MFU of the plan found.
+pipeline: the `auto` plan with pipeline stages (`autopar.plan(..., pipeline=True)`) against the best
+configuration of the Megatron-LM grid (`passes.grid`), both under the same cost model, and the
+search's wall time.
 """
 
 from __future__ import annotations
@@ -132,4 +135,90 @@ def planner_table(rows: list[PlannerRow]) -> str:
         lines.append(f"| {r.case.label} | {r.case.batch} | {r.capture_seconds:.1f} | {r.plan_seconds:.1f} | "
                      f"{r.capture_seconds + r.plan_seconds:.1f} | {r.variables} | {r.constraints} | {r.status} | "
                      f"{'×'.join(map(str, r.mesh))} | {fmt_seconds(r.step_time)} | {r.mfu:.1%} |")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineCase:
+    label: str
+    model: str
+    preset: str
+    nodes: int
+    batch: int
+    precision: str = "bf16"
+
+
+PIPELINE_CASES = (
+    PipelineCase("GPT-3 1.3B, 8 H100", "gpt3-1.3b", "h100", 1, 128),
+    PipelineCase("GPT-3 6.7B, 64 H100", "gpt3-6.7b", "h100", 8, 256),
+    PipelineCase("GPT-3 13B, 128 H100", "gpt3-13b", "h100", 16, 512),
+    PipelineCase("GPT-3 175B, 1024 H100", "gpt3-175b", "h100", 128, 1024),
+    PipelineCase("Llama-3 8B, 64 H100", "llama3-8b", "h100", 8, 256),
+    PipelineCase("Llama-3 70B, 512 H100", "llama3-70b", "h100", 64, 512),
+    PipelineCase("MoE 2.4B, 64 H100", "moe-2.4b", "h100", 8, 256),
+    PipelineCase("Wide-ResNet 2B, 32 H100", "wresnet-1.97b", "h100", 4, 1536),
+    PipelineCase("GPT-39B (Alpa), 64 V100", "gpt-39b", "v100", 8, 1024, "fp16"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineRow:
+    case: PipelineCase
+    auto_step: float
+    auto_plan: str
+    search_seconds: float
+    grid_step: float | None
+    grid_plan: str
+    grid_points: int
+
+
+def pipeline_benchmark(cases=PIPELINE_CASES) -> list[PipelineRow]:
+    """Each case: capture on meta, `auto` with pipeline stages (timed: capture included), then the
+    Megatron grid on the same captured graph."""
+    from autopar import models
+    from autopar.errors import InfeasibleError
+    from autopar.passes.grid import grid
+    from autopar.passes.sharding import ShardingOptions
+    from autopar.planner import plan_graph
+
+    rows = []
+    for case in cases:
+        entry = models.get(case.model)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[case.precision]
+        start = time.perf_counter()
+        model = entry.build(device="meta", dtype=dtype)
+        inputs, target = entry.example_batch(case.batch, device="meta")
+        graph = capture(model, inputs, loss_fn=entry.loss_fn, target=target)
+        cluster = Cluster.preset(case.preset, nodes=case.nodes)
+        try:
+            plan = plan_graph(graph, cluster, model_name=case.model, precision=case.precision, pipeline=True)
+            auto_step, auto_plan = plan.cost.step_time, _describe(plan)
+        except InfeasibleError:
+            auto_step, auto_plan = float("inf"), "nothing fits"
+        seconds = time.perf_counter() - start
+        points = grid(graph, cluster, ShardingOptions(precision=case.precision), case.batch)
+        rows.append(PipelineRow(case=case, auto_step=auto_step, auto_plan=auto_plan, search_seconds=seconds,
+                                grid_step=points[0].step_time if points else None,
+                                grid_plan=points[0].describe() if points else "nothing fits",
+                                grid_points=len(points)))
+    return rows
+
+
+def _describe(plan) -> str:
+    p = len(plan.stages) // plan.schedule.virtual
+    meshes = sorted({"×".join(map(str, s.mesh.shape)) for s in plan.stages})
+    if p == 1 and plan.schedule.kind == "none":
+        return f"one stage on {', '.join(meshes)}"
+    return (f"{p} stages on {', '.join(meshes)}, {plan.schedule.kind}, {plan.schedule.microbatches} microbatches"
+            f"{', checkpointed' if any(s.checkpoint for s in plan.stages) else ''}")
+
+
+def pipeline_table(rows: list[PipelineRow]) -> str:
+    lines = ["| case | batch | auto: predicted step | auto plan | search (s) | grid best | grid plan | "
+             "grid / auto |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r.grid_step / r.auto_step:.3f}" if r.grid_step and r.auto_step < float("inf") else "-"
+        grid_step = fmt_seconds(r.grid_step) if r.grid_step else "-"
+        lines.append(f"| {r.case.label} ({r.case.precision}) | {r.case.batch} | {fmt_seconds(r.auto_step)} | "
+                     f"{r.auto_plan} | {r.search_seconds:.1f} | {grid_step} | {r.grid_plan} | {ratio} |")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ import sys
 
 from autopar.cluster import Cluster
 from autopar.errors import AutoparError
+from autopar.runtime.launch import pipeline_args, pipeline_argv, pipeline_spec
 
 
 def _cluster_args(parser: argparse.ArgumentParser, *, default: str | None = "h100", nodes: int = 1) -> None:
@@ -81,7 +82,8 @@ def _plan(args: argparse.Namespace) -> int:
     budget = args.memory_budget * 1e9 if args.memory_budget else None
     plan = plan_graph(graph, _cluster_from(args), model_name=args.model, strategy=args.strategy,
                       precision=args.precision, optimizer=args.optimizer, memory_budget=budget,
-                      time_limit=args.time_limit, pipeline={"auto": None, "on": True, "off": False}[args.pipeline])
+                      time_limit=args.time_limit,
+                      pipeline=pipeline_spec(args) or {"auto": None, "on": True, "off": False}[args.pipeline])
     print(plan.summary())
     if args.out:
         plan.save(args.out)
@@ -94,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
 
     return launch(nproc=args.nproc, model=args.model, script=args.script, script_args=args.script_args,
                   steps=args.steps, strategy=args.strategy, batch_size=args.batch_size, lr=args.lr,
-                  timeout=args.timeout)
+                  timeout=args.timeout, plan=args.plan, pipeline=pipeline_argv(args))
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -103,6 +105,10 @@ def _bench(args: argparse.Namespace) -> int:
     if args.suite == "planner":
         table = bench.planner_table(bench.planner_benchmark())
         print(f"autopar.plan, capture included; {bench.machine()}\n\n{table}")
+    elif args.suite == "pipeline":
+        table = bench.pipeline_table(bench.pipeline_benchmark())
+        print(f"auto (pipeline stages searched) against the Megatron-LM grid, same cost model; search time "
+              f"includes capture; {bench.machine()}\n\n{table}")
     elif args.suite == "runtime":
         from autopar import bench_runtime
 
@@ -156,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", default="off", choices=["auto", "on", "off"],
                    help="pipeline stages: on searches them too, auto only when one stage cannot fit "
                         "(default: %(default)s)")
+    pipeline_args(p)
     p.add_argument("--out", default=None, help="write the plan as JSON here")
     _cluster_args(p)
     p.set_defaults(run=_plan)
@@ -175,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds a collective waits for a missing rank (default: %(default)s)")
+    p.add_argument("--plan", default=None, help="a plan file (JSON, from `autopar plan --out`) to run")
+    pipeline_args(p)
     p.set_defaults(run=_run)
 
     p = sub.add_parser("models", help="list the model zoo", description="The zoo's models, with descriptions.")
@@ -193,9 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks, printed as markdown tables",
                        description="Benchmarks. `capture`: build zoo models on meta and time their capture. "
                                    "`planner`: time autopar.plan on GPT-3 175B (1024 H100) and Llama-3 8B (64 H100). "
+                                   "`pipeline`: auto with pipeline stages against the best Megatron-LM dp×tp×pp "
+                                   "configuration, 8 to 1024 GPUs. "
                                    "`runtime`: step times of autopar's dp, fsdp and auto plans against "
                                    "DistributedDataParallel and FSDP2 on local gloo ranks.")
-    p.add_argument("suite", choices=["capture", "planner", "runtime"], help="which benchmark")
+    p.add_argument("suite", choices=["capture", "planner", "pipeline", "runtime"], help="which benchmark")
     p.add_argument("--models", nargs="+", default=["gpt3-175b"], help="zoo models (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1, help="samples per step (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=5, help="runtime: rounds, variants taking turns (default: %(default)s)")

@@ -43,19 +43,19 @@ _KEYS = itertools.count()
 def compile(model: nn.Module, cluster: Cluster | None = None, *, example_inputs: tuple, loss_fn: Callable | None = None,
             target: Any = None, optimizer: Callable | None = None, plan: Plan | None = None,
             strategy: str = "auto", precision: str = "fp32", memory_budget: float | None = None,
-            time_limit: float = 60.0, timeout: float = DEFAULT_TIMEOUT) -> CompiledModel:
+            time_limit: float = 60.0, timeout: float = DEFAULT_TIMEOUT, pipeline=False):
     """A `CompiledModel` running `plan` (planned here when None) on the current torch.distributed world.
 
     `optimizer`: a factory taking this rank's parameter leaves. `timeout`: seconds a collective may
-    wait before a missing rank is reported (`RankFailure`).
+    wait before a missing rank is reported (`RankFailure`). `pipeline`: as `autopar.plan`'s (False,
+    True, None or a `PipelineSpec`); a plan with stages gives a `runtime.pipeline.PipelineModel`.
     """
     init_from_env(timeout)  # 1
     cluster = cluster or Cluster.local()
     captured = capture(model, example_inputs, loss_fn=loss_fn, target=target)  # 2
     if plan is None:  # 3
         plan = _plan_on_rank_zero(captured, cluster, type(model).__name__, strategy=strategy, precision=precision,
-                                  memory_budget=memory_budget, time_limit=time_limit,
-                                  pipeline=False)  # the runtime runs one stage
+                                  memory_budget=memory_budget, time_limit=time_limit, pipeline=pipeline)
     _check(plan, captured)  # 4
     if len(plan.stages) > 1 or plan.schedule.kind != "none":
         return _compile_pipeline(model, captured, plan, example_inputs, loss_fn, target, optimizer, timeout)

@@ -36,6 +36,7 @@ from autopar.vocab import LogicalMesh, candidate_meshes
 from autopar.passes import baselines
 from autopar.passes.ilp import ShardingSolution, solve
 from autopar.passes.sharding import ShardingOptions, ShardingProblem, build_problem
+from autopar.passes.split import PipelineSpec, split
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero-bubble")
 def plan(model: nn.Module, cluster: Cluster, *, example_inputs: tuple, loss_fn: Callable | None = None,
          target: Any = None, strategy: str = "auto", precision: str = "fp32", optimizer: str = "adamw",
          memory_budget: float | None = None, time_limit: float = 60.0,
-         zero_levels: tuple[int, ...] = (0, 1, 2, 3), pipeline: bool | None = False) -> Plan:
+         zero_levels: tuple[int, ...] = (0, 1, 2, 3), pipeline: bool | None | PipelineSpec = False) -> Plan:
     """The fastest plan for one training step of `model` on `cluster` that fits in memory.
 
     `strategy`: "auto" searches everything; "dp", "zero1", "zero2", "fsdp", "tp", "dp+tp", "sp" give
@@ -57,7 +58,8 @@ def plan(model: nn.Module, cluster: Cluster, *, example_inputs: tuple, loss_fn: 
     FSDP); pass (0,) when the optimizer is not element-wise (Shampoo, LAMB), since sharding its state
     would change what it computes. `pipeline`: True also searches pipeline stages (`passes.interop`)
     and keeps them when faster; None searches them only when no single-stage plan fits; False
-    (default) never: the runtime runs single-stage plans. Raises `InfeasibleError` when nothing fits, with the memory needed and available.
+    (default) never. A `PipelineSpec` fixes the pipeline by hand, Megatron-style: `strategy`'s plan
+    for one stage's devices, cut into that many stages of equal layer counts (`passes.split`). Raises `InfeasibleError` when nothing fits, with the memory needed and available.
     """
     captured = capture(model, example_inputs, loss_fn=loss_fn, target=target)
     return plan_graph(captured, cluster, model_name=type(model).__name__, strategy=strategy, precision=precision,
@@ -68,10 +70,15 @@ def plan(model: nn.Module, cluster: Cluster, *, example_inputs: tuple, loss_fn: 
 def plan_graph(captured: CapturedGraph, cluster: Cluster, *, model_name: str = "model", strategy: str = "auto",
                precision: str = "fp32", optimizer: str = "adamw", memory_budget: float | None = None,
                time_limit: float = 60.0, meshes: list[LogicalMesh] | None = None,
-               zero_levels: tuple[int, ...] = (0, 1, 2, 3), pipeline: bool | None = False) -> Plan:
+               zero_levels: tuple[int, ...] = (0, 1, 2, 3), pipeline: bool | None | PipelineSpec = False) -> Plan:
     """`plan` for a graph already captured."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: found {strategy!r}, required one of {', '.join(STRATEGIES)}")
+    if isinstance(pipeline, PipelineSpec):
+        one = plan_graph(captured, stage_cluster(cluster, pipeline.stages), model_name=model_name, strategy=strategy,
+                         precision=precision, optimizer=optimizer, memory_budget=memory_budget, time_limit=time_limit,
+                         meshes=meshes, zero_levels=zero_levels)
+        return split(one, captured, cluster, pipeline)
     if not time_limit > 0:
         raise ValueError(f"time_limit: found {time_limit!r}, required > 0 seconds")
     if pipeline and strategy != "auto":
@@ -125,9 +132,10 @@ def plan_graph(captured: CapturedGraph, cluster: Cluster, *, model_name: str = "
 
 
 def _pipelined(captured: CapturedGraph, cluster: Cluster, options: ShardingOptions, time_limit: float,
-               model_name: str) -> Plan | None:
+               model_name: str, kinds: tuple[str, ...] = PIPELINE_SCHEDULES) -> Plan | None:
     """The best plan with pipeline stages (`passes.interop`), or None when no split fits."""
     from autopar.passes import interop, schedules
+    from autopar.passes.split import batch_statistics
 
     if len(captured.layers) < 2:
         return None
@@ -136,13 +144,14 @@ def _pipelined(captured: CapturedGraph, cluster: Cluster, options: ShardingOptio
     options = dataclasses.replace(options, levels=tuple(l for l in options.levels if l < 3) or (0,))
     costs = interop.StageCosts(captured, cluster, options, interop.cluster_layers(captured, MAX_BLOCKS), batch,
                                time_limit)
-    found = interop.search(costs, interop.submeshes(cluster), schedules_=PIPELINE_SCHEDULES)
+    counts = [1] if batch_statistics(captured) else None  # batch norm: the batch's statistics, one microbatch
+    found = interop.search(costs, interop.submeshes(cluster), schedules_=kinds, microbatches=counts)
     if found is None:
         return None
-    stages = interop.assemble(found, costs)
-    p, m = len(stages), found.microbatches
-    kind = found.schedule
+    kind, m = found.schedule, found.microbatches
     virtual = schedules.VIRTUAL if kind == "interleaved" else 1
+    stages = interop.assemble(found, costs, virtual)
+    p = len(stages) // virtual
     schedule = Schedule(kind=kind, microbatches=m, virtual=virtual,
                         bubble=schedules.bubble_fraction(kind, p, m, virtual) if p > 1 else 0.0)
     slowest = max(stages, key=lambda s: s.cost.step_time)
@@ -162,6 +171,22 @@ def _pipelined(captured: CapturedGraph, cluster: Cluster, options: ShardingOptio
     return Plan(model=model_name, fingerprint=fingerprint(captured), strategy="auto", precision=options.precision,
                 optimizer=options.optimizer, cluster=cluster, stages=stages, schedule=schedule, cost=cost,
                 collectives=(), search=report, baselines=(), warnings=warnings)
+
+
+def stage_cluster(cluster: Cluster, stages: int) -> Cluster:
+    """The devices of one of `stages` equal stages: a part of a node, or whole nodes."""
+    n = cluster.num_devices
+    if stages < 1 or n % stages:
+        raise ValueError(f"pipeline: found {stages} stages for {n} devices, required a divisor of {n}")
+    per = n // stages
+    if per <= cluster.devices_per_node:
+        if cluster.devices_per_node % per:
+            raise ValueError(f"pipeline: stages of {per} devices, required a divisor of the {cluster.devices_per_node} "
+                             f"devices per node or whole nodes")
+        return dataclasses.replace(cluster, nodes=1, devices_per_node=per)
+    if per % cluster.devices_per_node:
+        raise ValueError(f"pipeline: stages of {per} devices, required whole nodes of {cluster.devices_per_node}")
+    return dataclasses.replace(cluster, nodes=per // cluster.devices_per_node)
 
 
 def _meshes(cluster: Cluster, names) -> list[LogicalMesh]:

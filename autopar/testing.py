@@ -458,6 +458,25 @@ def pipeline_plan(model: str, world: int, pipeline: dict[str, Any], strategy: st
     return split(one, graph, autopar.Cluster.preset("cpu", gpus_per_node=world), spec).to_json()
 
 
+def searched_pipeline_plan(model: str, world: int, schedule: str, dtype: str = "float32", batch: int = 8,
+                           overrides: dict | None = None, memory_budget: float | None = None) -> str:
+    """The inter-op pass's own pipelined plan (JSON) for a zoo model on `world` local ranks, the
+    schedule fixed: stages, submeshes, microbatches and intra-stage plans as its DP chose them."""
+    import dataclasses
+
+    import autopar
+    from autopar.passes.sharding import ShardingOptions
+    from autopar.planner import _pipelined
+
+    graph, _ = _one_stage(model, 1, "auto", dtype, batch, json.dumps(overrides or {}))
+    cluster = autopar.Cluster.preset("cpu", gpus_per_node=world)
+    options = dataclasses.replace(ShardingOptions(), memory_budget=memory_budget)
+    plan = _pipelined(graph, cluster, options, 60.0, model, kinds=(schedule,))
+    if plan is None:
+        raise AssertionError(f"{model} on {world} ranks: the inter-op pass found no {schedule} pipeline")
+    return plan.to_json()
+
+
 @functools.lru_cache(maxsize=32)
 def _one_stage(model: str, devices: int, strategy: str, dtype: str, batch: int, overrides: str):
     import autopar

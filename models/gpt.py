@@ -186,6 +186,9 @@ SIZES = {
     "gpt3-6.7b": _gpt3("6.7B", 32, 4096, 32, 128, 6.7e9),
     "gpt3-13b": _gpt3("13B", 40, 5140, 40, 128, 13e9, "; attention width 40 x 128 = 5120"),
     "gpt3-175b": _gpt3("175B", 96, 12288, 96, 128, 175e9),
+    "gpt-39b": Size(GPTConfig(n_layers=48, d_model=8192, n_heads=64, d_head=128, vocab_size=51200, seq_len=1024),
+                    39e9, "GPT-39B of Alpa's benchmark (Zheng et al. 2022, Table 4: 48 layers, hidden 8192, "
+                          "64 heads), seq 1024, vocab 51200"),
     "gpt-tiny": Size(GPTConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, vocab_size=128,
                                seq_len=16), None,
                      "tiny GPT for CPU tests (2 layers, d_model 32, 4 heads), vocab 128, seq 16"),

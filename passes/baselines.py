@@ -51,12 +51,14 @@ def roles_of(name: str, ndim: int) -> tuple[str, ...]:
     return ("tp",) * ndim if name in ("tp", "sp") else ("dp",) * ndim
 
 
-def predicate(name: str, problem: ShardingProblem) -> Callable[[int, Strategy], bool]:
+def predicate(name: str, problem: ShardingProblem, level: int | None = None) -> Callable[[int, Strategy], bool]:
+    """Whether a strategy belongs to the baseline; `level` overrides its parameter storage level
+    (dp+tp with ZeRO-1, as Megatron-LM's distributed optimizer)."""
     if name not in BASELINES:
         raise ValueError(f"strategy: found {name!r}, required 'auto' or one of {', '.join(BASELINES)}")
     ctx = problem.context
     axes = roles_of(name, problem.mesh.ndim)
-    level = _LEVEL[name]
+    level = _LEVEL[name] if level is None else level
     uses: dict[int, list[tuple[int, int, int]]] = {}  # unit → (member, argument, parameter rank)
     for u in problem.strategies:
         unit = problem.units[u]

@@ -62,7 +62,7 @@ class ShardingSolution:
 def evaluate(problem: ShardingProblem, choice: dict[int, int]) -> tuple[float, float]:
     """(step time, memory per device) of an assignment, from the problem's tables."""
     t = sum(problem.counts[u] * problem.strategies[u][s].time for u, s in choice.items())
-    memory = problem.fixed_memory + sum(problem.counts[u] * problem.strategies[u][s].memory
+    memory = problem.fixed_memory + sum(problem.counts[u] * _memory(problem, problem.strategies[u][s])
                                         for u, s in choice.items())
     for e in problem.edges:
         t += e.count * e.cost[e.rows[choice[e.src]]][e.cols[choice[e.dst]]]
@@ -72,7 +72,7 @@ def evaluate(problem: ShardingProblem, choice: dict[int, int]) -> tuple[float, f
 def minimum_memory(problem: ShardingProblem, allowed: Callable[[int, Strategy], bool] | None = None) -> float:
     """The least memory per device any plan needs (memory has no edge terms: a sum of minima)."""
     return problem.fixed_memory + sum(
-        problem.counts[u] * min((s.memory for s in strategies if allowed is None or allowed(u, s)),
+        problem.counts[u] * min((_memory(problem, s) for s in strategies if allowed is None or allowed(u, s)),
                                 default=float("inf"))
         for u, strategies in problem.strategies.items())
 
@@ -103,16 +103,22 @@ def _candidates(problem: ShardingProblem, allowed) -> dict[int, list[int]]:
         for members in groups.values():
             for i in members:
                 a = strategies[i]
-                if not any(_dominates(strategies[j], a, j, i) for j in members if j != i):
+                if not any(_dominates(problem, strategies[j], a, j, i) for j in members if j != i):
                     kept.append(i)
         result[u] = sorted(kept)
     return result
 
 
-def _dominates(b: Strategy, a: Strategy, jb: int, ia: int) -> bool:
-    better_or_equal = b.time <= a.time and b.memory <= a.memory
-    strictly = b.time < a.time or b.memory < a.memory or (_complexity(b), jb) < (_complexity(a), ia)
+def _dominates(problem: ShardingProblem, b: Strategy, a: Strategy, jb: int, ia: int) -> bool:
+    mb, ma = _memory(problem, b), _memory(problem, a)
+    better_or_equal = b.time <= a.time and mb <= ma
+    strictly = b.time < a.time or mb < ma or (_complexity(b), jb) < (_complexity(a), ia)
     return better_or_equal and strictly
+
+
+def _memory(problem: ShardingProblem, s: Strategy) -> float:
+    """What a strategy counts against the budget: its state and, weighted, its activations."""
+    return s.state + problem.activation_weight * s.activations
 
 
 def solve(problem: ShardingProblem, *, time_limit: float = 60.0, warm_start: dict[int, int] | None = None,
@@ -139,7 +145,7 @@ def solve(problem: ShardingProblem, *, time_limit: float = 60.0, warm_start: dic
         for s, var in choices.items():
             st = problem.strategies[u][s]
             objective.append((problem.counts[u] * st.time * _US + _TIE * _complexity(st), var))
-            memory.append((problem.counts[u] * st.memory * _GB, var))
+            memory.append((problem.counts[u] * _memory(problem, st) * _GB, var))
     for k, e in enumerate(problem.edges):
         _add_edge(lp, k, e, x, objective)
     lp += _affine(objective)
@@ -156,7 +162,7 @@ def solve(problem: ShardingProblem, *, time_limit: float = 60.0, warm_start: dic
     elif warm_start and all(warm_start.get(u) in choices for u, choices in x.items()):
         choice, status, gap = {u: warm_start[u] for u in x}, "time limit", float("nan")  # stopped before any
     else:  # stopped before any plan: the least-memory one fits (checked above)
-        choice = {u: min(c, key=lambda s: (problem.strategies[u][s].memory, problem.strategies[u][s].time))
+        choice = {u: min(c, key=lambda s: (_memory(problem, problem.strategies[u][s]), problem.strategies[u][s].time))
                   for u, c in candidates.items()}
         status, gap = "time limit", float("nan")
     step_time, mem = evaluate(problem, choice)

@@ -27,19 +27,24 @@ DeepSpeed rules it out likewise); a tied parameter used in two stages is counted
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from autopar.cluster import Cluster
 from autopar.cost.comm import CommModel
-from autopar.assemble import placements
+from autopar.cost.memory import state_bytes_per_param
+from autopar.assemble import borrowed, placements
 from autopar.graph import CapturedGraph
 from autopar.plan import Cost, Stage
 from autopar.vocab import LogicalMesh, candidate_meshes
 from autopar.passes import schedules
 from autopar.passes.parts import Parts, PartPlan
+from autopar.passes.rules import tensor_args
 from autopar.passes.sharding import ShardingOptions, build_problem
+from autopar.passes.split import chunk_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +58,27 @@ class StageChoice:
     memory: float
     checkpoint: bool
     plans: tuple[tuple[str, PartPlan], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Figures:
+    """A stage under one pick of part plans, before the microbatch count m and the in-flight count
+    k: per microbatch it takes work/m, and holds state + (flight·k + largest)/m bytes."""
+    work: float
+    """Whole batch, forward and backward (and the forward again where checkpointed)."""
+    once: float
+    state: float
+    flight: float
+    """Bytes kept for backward by the whole batch (a microbatch keeps flight/m)."""
+    largest: float
+    """Checkpointed: the largest layer's activations, rebuilt in backward one layer at a time."""
+    shards: int
+    """How many ways the batch is split (a microbatch's samples must divide evenly)."""
+    plans: tuple[PartPlan, ...]
+
+    @property
+    def busy(self) -> float:
+        return self.work + self.once
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +132,9 @@ class _Submesh:
 
 
 def submeshes(cluster: Cluster) -> list[_Submesh]:
-    """(1, 2^k) inside a node, and 2^k whole nodes; each with its candidate logical meshes."""
+    """(1, 2^k) inside a node, and 2^k whole nodes; each with its candidate logical meshes. A 1-D
+    mesh over several nodes is left out: its data parallelism is a 2-D mesh's with the batch split
+    on both axes, and its tensor parallelism would cross nodes."""
     sizes = []
     k = 1
     while k < cluster.devices_per_node:
@@ -116,7 +144,13 @@ def submeshes(cluster: Cluster) -> list[_Submesh]:
     while n <= cluster.nodes:
         sizes.append(n * cluster.devices_per_node)
         n *= 2
-    return [_Submesh(devices=d, meshes=tuple(candidate_meshes(cluster, d))) for d in sorted(set(sizes))]
+    out = []
+    for d in sorted(set(sizes)):
+        meshes = candidate_meshes(cluster, d)
+        if d > cluster.devices_per_node and len(meshes) > 1:  # across nodes: 2-D only (see above)
+            meshes = meshes[1:]
+        out.append(_Submesh(devices=d, meshes=tuple(meshes)))
+    return out
 
 
 class StageCosts:
@@ -128,7 +162,7 @@ class StageCosts:
         self.batch, self.time_limit = batch, time_limit
         self.budget = options.memory_budget or cluster.device.memory * (1 - options.workspace)
         self._parts: dict[tuple[int, ...], Parts] = {}
-        self._memo: dict[tuple, StageChoice | None] = {}
+        self._memo: dict[tuple, Any] = {}
         self.signature = {l.index: l.signature for l in captured.layers}
 
     def parts(self, shape: tuple[int, ...]) -> Parts:
@@ -140,93 +174,194 @@ class StageCosts:
 
     def part_counts(self, a: int, b: int) -> dict[str, int]:
         """How many instances of each part blocks [a, b) hold."""
+        key = ("counts", a, b)
+        if key in self._memo:
+            return self._memo[key]
         counts: dict[str, int] = {}
         whole = a == 0 and b == len(self.blocks)
         if a == 0 and not whole:
             counts["pre"] = 1
         for layer in range(self.blocks[a][0], self.blocks[b - 1][1]):
-            key = f"layer:{self.signature[layer]}"
-            counts[key] = counts.get(key, 0) + 1
+            key_ = f"layer:{self.signature[layer]}"
+            counts[key_] = counts.get(key_, 0) + 1
         if whole:
             counts["ends"] = 1  # embedding and head planned together (a tied weight joins them)
         elif b == len(self.blocks):
             counts["post"] = 1
+        self._memo[key] = counts
         return counts
+
+    def choices(self, m: int, k: float, submesh_list: list[_Submesh], left: int = 1, least: int = 1
+                ) -> list[list[tuple[int, int, StageChoice]]]:
+        """Per first block a, every stage [a, b) of at least `least` layers that leaves a block for
+        each of the `left` - 1 stages after it and fits on a submesh with m microbatches and k in
+        flight: (b, devices, choice). Memoized: the DP asks again for every stage count."""
+        key = ("choices", m, k, left, least)
+        if key not in self._memo:
+            n, total = len(self.blocks), self.cluster.num_devices
+            self._memo[key] = [
+                [(b, sub.devices, o) for b in range(a + 1, n - left + 2)
+                 if self.blocks[b - 1][1] - self.blocks[a][0] >= least for sub in submesh_list
+                 if ((a, b) == (0, n)) == (sub.devices == total)  # all devices: the whole model, one stage
+                 for o in [self.stage(a, b, sub, m, k)] if o is not None] for a in range(n)]
+        return self._memo[key]
 
     def stage(self, a: int, b: int, submesh: _Submesh, microbatches: int, in_flight: float) -> StageChoice | None:
         key = (a, b, submesh.devices, microbatches, in_flight)
+        if key not in self._memo and self._floor(a, b) / submesh.devices > self.budget:
+            self._memo[key] = None  # its parameter state alone, spread over every device, does not fit
         if key not in self._memo:
-            options = [self._on_mesh(a, b, mesh, microbatches, in_flight, ckpt)
-                       for mesh in submesh.meshes for ckpt in (False, True)]
+            options = []
+            for mesh in submesh.meshes:
+                plain = self._on_mesh(a, b, mesh, microbatches, in_flight, False)
+                options.append(plain)
+                if plain is None or plain.plans is not self._untraded(a, b, mesh, microbatches, False)[1].plans:
+                    options.append(self._on_mesh(a, b, mesh, microbatches, in_flight, True))  # only helps a trade
             options = [o for o in options if o is not None]
             self._memo[key] = min(options, key=lambda o: (microbatches * o.time + o.once, o.memory), default=None)
         return self._memo[key]
 
+    def _floor(self, a: int, b: int) -> float:
+        """Bytes of the weights, gradients and optimizer state of blocks [a, b): a stage holds at
+        least this much over its devices."""
+        key = ("floor", a, b)
+        if key not in self._memo:
+            per = state_bytes_per_param(self.options.precision, self.options.optimizer)
+            layers = self.captured.layers[self.blocks[a][0]:self.blocks[b - 1][1]]
+            infos = [self.captured.params[name] for layer in layers for name in layer.params]
+            self._memo[key] = sum(i.meta.numel * (per.total if i.requires_grad else per.weights) for i in infos)
+        return self._memo[key]
+
     def _on_mesh(self, a: int, b: int, mesh: LogicalMesh, m: int, k: float, ckpt: bool) -> StageChoice | None:
-        parts = self.parts(mesh.shape)
-        first, last = self.blocks[a][0], self.blocks[b - 1][1]
-        counts = self.part_counts(a, b)
-        plans = {part: parts.plans(part) for part in counts}
-        if any(not p for p in plans.values()):
+        """Blocks [a, b) on `mesh` with m microbatches, k of them in flight: from the fastest pick of
+        part plans, trade time for memory (the next plan of the part that saves the most bytes per
+        second lost) until the stage fits. Every pick splits a microbatch's samples evenly."""
+        fastest = self._untraded(a, b, mesh, m, ckpt)
+        if fastest is None:
             return None
-        pick = {part: 0 for part in counts}
-        units = parts.problem.units
+        figures, choice = fastest
+
+        def memory(f: _Figures) -> float:
+            return f.state + (f.flight * k + f.largest) / m
+
+        if memory(figures) <= self.budget:
+            return dataclasses.replace(choice, memory=memory(figures))
+        micro = self.batch // m
+        pick = list(self._fastest(a, b, mesh.shape, ckpt, micro))
+        while memory(figures) > self.budget:
+            best, best_rate = None, -1.0
+            for i in range(len(pick)):
+                pick[i] += 1
+                found = self._figures(a, b, mesh.shape, ckpt, tuple(pick))
+                pick[i] -= 1
+                if found is None or micro % found.shards or memory(found) >= memory(figures):
+                    continue
+                rate = (memory(figures) - memory(found)) / max(found.busy - figures.busy, 1e-12)
+                if rate > best_rate:
+                    best, best_rate = (i, found), rate
+            if best is None:
+                return None
+            pick[best[0]] += 1
+            figures = best[1]
+        chosen = dict(zip(self.part_counts(a, b), figures.plans))
+        time = figures.work / m + self.transfer(a, mesh, chosen, m)
+        return StageChoice(blocks=(a, b), devices=mesh.size, mesh_shape=mesh.shape, time=time, once=figures.once,
+                           memory=memory(figures), checkpoint=ckpt, plans=tuple(chosen.items()))
+
+    def _untraded(self, a: int, b: int, mesh: LogicalMesh, m: int, ckpt: bool
+                  ) -> tuple[_Figures, StageChoice] | None:
+        """The stage at its fastest pick (`_fastest`), whatever its memory (filled in by the caller)."""
+        key = ("untraded", a, b, mesh.shape, ckpt, m)
+        if key not in self._memo:
+            start = self._fastest(a, b, mesh.shape, ckpt, self.batch // m)
+            found = None
+            if start is not None:
+                figures = self._figures(a, b, mesh.shape, ckpt, start)
+                chosen = dict(zip(self.part_counts(a, b), figures.plans))
+                time = figures.work / m + self.transfer(a, mesh, chosen, m)
+                found = figures, StageChoice(blocks=(a, b), devices=mesh.size, mesh_shape=mesh.shape, time=time,
+                                             once=figures.once, memory=math.nan, checkpoint=ckpt,
+                                             plans=tuple(chosen.items()))
+            self._memo[key] = found
+        return self._memo[key]
+
+    def _fastest(self, a: int, b: int, shape: tuple[int, ...], ckpt: bool, micro: int) -> tuple[int, ...] | None:
+        """The pick (one plan index per part) that starts the memory trade: every layer part at its
+        i-th plan, the sides solved against them, for the i that gives the fastest stage whose
+        batch split divides a microbatch of `micro` samples."""
+        key = ("fastest", a, b, shape, ckpt, micro)
+        if key not in self._memo:
+            parts, names = self.parts(shape), list(self.part_counts(a, b))
+            layer_parts = [p for p in names if p.startswith("layer:")]
+            best = None
+            if all(parts.plans(p) for p in layer_parts):
+                for i in range(max((len(parts.plans(p)) for p in layer_parts), default=1)):
+                    pick = tuple(min(i, len(parts.plans(p)) - 1) if p.startswith("layer:") else 0 for p in names)
+                    found = self._figures(a, b, shape, ckpt, pick)
+                    if found is not None and not micro % found.shards and (best is None or found.busy < best[0]):
+                        best = (found.busy, pick)
+            self._memo[key] = best[1] if best else None
+        return self._memo[key]
+
+    def _figures(self, a: int, b: int, shape: tuple[int, ...], ckpt: bool, pick: tuple[int, ...]) -> _Figures | None:
+        """The stage's figures under one pick of part plans (indices in `part_counts` order; a side's
+        index is into its plans solved against the picked layer plans); None when an index is out of
+        range. Memoized: the trade revisits picks for every microbatch count."""
+        key = ("figures", a, b, shape, ckpt, pick)
+        if key in self._memo:
+            return self._memo[key]
+        parts, counts = self.parts(shape), self.part_counts(a, b)
+        index = dict(zip(counts, pick))
+        layers = tuple(index.get(l, 0) for l in parts.layer_parts)
+        chosen = {}
+        for part, i in index.items():
+            options = parts.plans(part) if part.startswith("layer:") else parts.plans(part, layers)
+            if i >= len(options):
+                self._memo[key] = None
+                return None
+            chosen[part] = options[i]
+        self._memo[key] = figures = self.figures_of(a, b, shape, ckpt, chosen)
+        return figures
+
+    def figures_of(self, a: int, b: int, shape: tuple[int, ...], ckpt: bool, chosen: dict[str, PartPlan]) -> _Figures:
+        """Blocks [a, b) on a mesh of `shape` with these plans of their parts (`part_counts`)."""
+        work = once = state = flight = largest = 0.0
+        for part, n in self.part_counts(a, b).items():
+            plan = chosen[part]
+            layer = part.startswith("layer:")
+            work += n * (plan.work + (plan.forward if ckpt and layer else 0.0))
+            once += n * plan.once
+            state += n * plan.state
+            if ckpt and layer:
+                flight += n * plan.boundary
+                largest = max(largest, plan.activations)
+            else:
+                flight += n * plan.activations
+        work += self._cross(a, b, shape, {part: dict(plan.choice) for part, plan in chosen.items()})
+        return _Figures(work=work, once=once, state=state, flight=flight, largest=largest,
+                        shards=max(plan.batch_shards for plan in chosen.values()), plans=tuple(chosen.values()))
+
+    def _cross(self, a: int, b: int, shape: tuple[int, ...], picks: dict[str, dict[int, int]]) -> float:
+        """The resharding between layers of different signatures that the stage holds."""
+        parts, units = self.parts(shape), self.parts(shape).problem.units
+        first, last = self.blocks[a][0], self.blocks[b - 1][1]
 
         def inside(u: int) -> bool:
             where = parts.part_of[u]
             return (where == "pre" and a == 0) or (where == "post" and b == len(self.blocks)) or (
                 units[u].layer is not None and first <= units[u].layer < last)
 
-        cross = [(e, parts.part_of[s], parts.part_of[d]) for e, s, d in parts.cross if inside(s) and inside(d)]
+        return sum(e.cost[e.rows[picks[ps][e.src]]][e.cols[picks[pd][e.dst]]]
+                   for e, s, d in parts.cross if inside(s) and inside(d)
+                   for ps, pd in [(parts.part_of[s], parts.part_of[d])])
 
-        def edges() -> float:
-            chosen = {part: dict(plans[part][pick[part]].choice) for part in counts}
-            return sum(e.cost[e.rows[chosen[ps][e.src]]][e.cols[chosen[pd][e.dst]]] for e, ps, pd in cross)
-
-        def evaluate() -> tuple[float, float, float]:
-            time = once = state = kept = largest = 0.0
-            for part, n in counts.items():
-                plan = plans[part][pick[part]]
-                layer = part.startswith("layer:")
-                time += n * (plan.work + (plan.forward if ckpt and layer else 0.0))
-                once += n * plan.once
-                state += n * plan.state
-                if ckpt and layer:
-                    kept += n * plan.boundary * k
-                    largest = max(largest, plan.activations)
-                else:
-                    kept += n * plan.activations * k
-            return (time + edges()) / m, once, state + (kept + largest) / m
-
-        time, once, memory = evaluate()
-        while memory > self.budget:  # trade time for memory where it buys the most
-            best, best_rate = None, -1.0
-            for part in counts:
-                if pick[part] + 1 < len(plans[part]):
-                    pick[part] += 1
-                    t2, o2, m2 = evaluate()
-                    pick[part] -= 1
-                    rate = (memory - m2) / max(m * t2 + o2 - m * time - once, 1e-12)
-                    if memory > m2 and rate > best_rate:
-                        best, best_rate = part, rate
-            if best is None:
-                return None
-            pick[best] += 1
-            time, once, memory = evaluate()
-        shards = max(plans[p][pick[p]].batch_shards for p in counts)
-        if (self.batch // m) % shards:
-            return None
-        time += self._transfer(a, b, mesh, plans, pick, counts, m)
-        return StageChoice(blocks=(a, b), devices=mesh.size, mesh_shape=mesh.shape, time=time, once=once,
-                           memory=memory, checkpoint=ckpt, plans=tuple((p, plans[p][pick[p]]) for p in counts))
-
-    def _transfer(self, a: int, b: int, mesh: LogicalMesh, plans, pick, counts, m: int) -> float:
+    def transfer(self, a: int, mesh: LogicalMesh, chosen: dict[str, PartPlan], m: int) -> float:
         """Receiving the previous stage's output and sending back its gradient, per microbatch: each
         device exchanges its own piece with its counterpart."""
         if a == 0:
             return 0.0
-        first = next(p for p in counts if p.startswith("layer:"))
-        nbytes = plans[first][pick[first]].boundary / m
+        first = next(p for p in chosen if p.startswith("layer:"))
+        nbytes = chosen[first].boundary / m
         pair = (0, min(mesh.size, self.cluster.num_devices - 1))
         return 2 * CommModel(self.cluster).time("send_recv", nbytes, pair) if pair[1] else 0.0
 
@@ -234,40 +369,38 @@ class StageCosts:
 def search(costs: StageCosts, submesh_list: list[_Submesh], *, schedules_: tuple[str, ...] = ("1f1b",),
            microbatches: list[int] | None = None, max_stages: int | None = None) -> PipelinePlan | None:
     """The fastest stage split: loops over schedule, microbatch count and number of stages p; for
-    each, Alpa's DP over a bound U on each stage's busy time m·t + o, minimizing Σ t."""
+    each, Alpa's DP over a bound U on each stage's busy time m·t + o, minimizing Σ t. The bound
+    stops at the best step time found so far in any loop (a split whose busiest stage is as slow
+    cannot win), so the loops run the likeliest winners first: most microbatches first."""
     total, blocks = costs.cluster.num_devices, len(costs.blocks)
     counts = microbatches or schedules.microbatch_counts(costs.batch)
     best: PipelinePlan | None = None
-    for kind in schedules_:
-        for m in counts:
+    for m in sorted(counts, reverse=True):
+        for kind in schedules_:
             for p in range(1, min(blocks, max_stages or blocks) + 1):
                 if kind == "interleaved" and p == 1:
                     continue
-                found = _dp(costs, submesh_list, kind, m, p, total)
+                found = _dp(costs, submesh_list, kind, m, p, total, best.step_time if best else math.inf)
                 if found is not None and (best is None or found.step_time < best.step_time):
                     best = found
     return best
 
 
-def _dp(costs: StageCosts, submesh_list: list[_Submesh], kind: str, m: int, p: int, total: int) -> PipelinePlan | None:
+def _dp(costs: StageCosts, submesh_list: list[_Submesh], kind: str, m: int, p: int, total: int,
+        limit: float = math.inf) -> PipelinePlan | None:
+    """The fastest split into p stages with step time below `limit`, or None."""
     blocks = len(costs.blocks)
-
-    def option(a: int, b: int, sub: _Submesh, s: int) -> StageChoice | None:
-        return costs.stage(a, b, sub, m, schedules.in_flight(kind, p, m, p - s))
-
-    # every stage option that can appear, to enumerate the bound U over their busy times
-    bounds = set()
-    for s in range(1, p + 1):
-        for a in range(blocks):
-            for b in range(a + 1, blocks + 1):
-                for sub in submesh_list:
-                    o = option(a, b, sub, s)
-                    if o is not None:
-                        bounds.add(m * o.time + o.once)
+    least = schedules.VIRTUAL if kind == "interleaved" else 1  # layers per stage: one per chunk
+    # per stage (s stages left, itself included): its options from each first block, with the
+    # activations the schedule keeps in flight there
+    # (interleaved counts in halves of a stage; the DP rounds them up to whole ones, which shares
+    # the tables with 1F1B's at the cost of at most half a microbatch of activations more)
+    table = {s: costs.choices(m, math.ceil(schedules.in_flight(kind, p, m, p - s)), submesh_list, s, least)
+             for s in range(1, p + 1)}
+    bounds = sorted({m * o.time + o.once for t in table.values() for row in t for _, _, o in row})
     best = None
-    ramp = schedules.ramp_factor(kind) * (p - 1) / p
-    for bound in sorted(bounds):
-        if best is not None and bound >= best[0]:
+    for bound in bounds:
+        if bound >= (best[0] if best else limit):
             break  # T >= U: no larger bound can win
 
         @functools.lru_cache(maxsize=None)
@@ -275,16 +408,12 @@ def _dp(costs: StageCosts, submesh_list: list[_Submesh], kind: str, m: int, p: i
             if s == 0:
                 return (0.0, ()) if a == blocks and d == 0 else None
             result = None
-            for b in range(a + 1, blocks - s + 2):
-                for sub in submesh_list:
-                    if sub.devices > d:
-                        continue
-                    o = option(a, b, sub, s)
-                    if o is None or m * o.time + o.once > bound:
-                        continue
-                    rest = f(s - 1, b, d - sub.devices)
-                    if rest is not None and (result is None or o.time + rest[0] < result[0]):
-                        result = (o.time + rest[0], (o, *rest[1]))
+            for b, devices, o in table[s][a]:
+                if b > blocks - s + 1 or devices > d or m * o.time + o.once > bound:
+                    continue
+                rest = f(s - 1, b, d - devices)
+                if rest is not None and (result is None or o.time + rest[0] < result[0]):
+                    result = (o.time + rest[0], (o, *rest[1]))
             return result
 
         found = f(p, 0, total)
@@ -301,39 +430,71 @@ def _dp(costs: StageCosts, submesh_list: list[_Submesh], kind: str, m: int, p: i
                         step_time=step)
 
 
-def assemble(result: PipelinePlan, costs: StageCosts) -> tuple[Stage, ...]:
+def assemble(result: PipelinePlan, costs: StageCosts, virtual: int = 1) -> tuple[Stage, ...]:
     """The plan's stages: each stage's nodes and parameters with the placements its parts chose,
-    on its own devices (stages take consecutive device ranges, first stage first)."""
-    out, first = [], 0
-    last_index = len(result.stages) - 1
+    on its own devices (stages take consecutive device ranges, first stage first). Interleaved
+    (`virtual` v > 1): each stage's layers become v chunks, chunk c·p + g on stage g's devices, so
+    the model's layers run round-robin over the devices (Megatron-LM); the embedding stays in
+    chunk 0 and the head in the last."""
+    p = len(result.stages)
+    firsts = [0]
+    for choice_ in result.stages:
+        firsts.append(firsts[-1] + choice_.devices)
+    pieces = [_cut(b - a, virtual) for a, b in result.layers]
+    chunks, start = [], 0
+    for c in range(virtual):
+        for g in range(p):
+            chunks.append((g, (start, start + pieces[g][c])))
+            start += pieces[g][c]
+    owner = chunk_of(costs.captured, [layers for _, layers in chunks])
+    return tuple(_chunk(result, costs, j, g, layers, firsts[g], len(chunks), owner)
+                 for j, (g, layers) in enumerate(chunks))
+
+
+def _cut(n: int, v: int) -> list[int]:
+    if n < v:
+        raise ValueError(f"interleaved: found a stage of {n} layer(s), required at least {v} (one per chunk)")
+    return [n // v + (1 if c < n % v else 0) for c in range(v)]
+
+
+def _chunk(result: PipelinePlan, costs: StageCosts, j: int, g: int, layers: tuple[int, int], first: int,
+           count: int, owner: dict[str, int]) -> Stage:
+    choice_ = result.stages[g]
+    parts = costs.parts(choice_.mesh_shape)
+    choice: dict[int, int] = {}
+    for _, plan in choice_.plans:
+        choice.update(dict(plan.choice))
+    units = []
+    for u in parts.problem.units:
+        where = parts.part_of[u.index]
+        inside = (u.layer is not None and layers[0] <= u.layer < layers[1]) or (where == "pre" and j == 0) or (
+            where == "post" and j == count - 1) or where == "input"
+        if inside:
+            choice.setdefault(u.canonical, 0)
+            units.append(u)
+    nodes, params = placements(parts.problem, choice, units)
+    # an op on an input (a target's reshape) runs in the chunk that the graph order gives it; an
+    # input goes where it is read, and to the first and last chunk
+    nodes = {n: plan for n, plan in nodes.items() if n in costs.captured.inputs or owner.get(n, j) == j}
+    graph = {n.name: n for n in costs.captured.program.graph.nodes}
+    read = {a.name for n in nodes if n not in costs.captured.inputs for a in tensor_args(graph[n])}
+    nodes = {n: plan for n, plan in nodes.items()
+             if n not in costs.captured.inputs or n in read or j in (0, count - 1)}
+    params.update(borrowed(parts.problem, choice, units, nodes, params))
     device = costs.cluster.device
     dtype = "fp32" if costs.options.precision == "fp32" else costs.options.precision
-    for i, (choice_, layers) in enumerate(zip(result.stages, result.layers)):
-        parts = costs.parts(choice_.mesh_shape)
-        choice: dict[int, int] = {}
-        for _, plan in choice_.plans:
-            choice.update(dict(plan.choice))
-        units = []
-        for u in parts.problem.units:
-            where = parts.part_of[u.index]
-            inside = (u.layer is not None and layers[0] <= u.layer < layers[1]) or (where == "pre" and i == 0) or (
-                where == "post" and i == last_index) or (where == "input" and i in (0, last_index))
-            if inside:
-                choice.setdefault(u.canonical, 0)
-                units.append(u)
-        nodes, params = placements(parts.problem, choice, units)
-        m = result.microbatches
-        scale = costs.part_counts(*choice_.blocks)
-        compute = sum(scale[p] * plan.compute for p, plan in choice_.plans)
-        state = sum(scale[p] * plan.state for p, plan in choice_.plans)
-        busy = m * choice_.time + choice_.once
-        flops = sum(costs.captured.nodes[n].flops + costs.captured.nodes[n].backward_flops for n in nodes)
-        cost = Cost(step_time=busy, compute=compute, communication=max(busy - compute - choice_.once, 0.0),
-                    optimizer=sum(scale[p] * plan.once for p, plan in choice_.plans), peak_memory=choice_.memory,
-                    activations=choice_.memory - state, parameter_state=state,
-                    mfu=flops / result.step_time / (choice_.devices * device.peak(dtype)))
-        out.append(Stage(index=i, layers=layers, mesh=LogicalMesh.build(costs.cluster, choice_.mesh_shape, first),
-                         nodes=nodes, params=params, cost=cost, checkpoint=choice_.checkpoint,
-                         microbatch_time=choice_.time))
-        first += choice_.devices
-    return tuple(out)
+    m = result.microbatches
+    group = result.layers[g]
+    share = (layers[1] - layers[0]) / max(group[1] - group[0], 1)  # of the stage's layers this chunk runs
+    scale = costs.part_counts(*choice_.blocks)
+    compute = sum(scale[p] * plan.compute for p, plan in choice_.plans) * share
+    state = sum(scale[p] * plan.state for p, plan in choice_.plans)
+    busy = (m * choice_.time + choice_.once) * share
+    flops = sum(costs.captured.nodes[n].flops + costs.captured.nodes[n].backward_flops for n in nodes)
+    once = sum(scale[p] * plan.once for p, plan in choice_.plans) * share
+    cost = Cost(step_time=busy, compute=compute, communication=max(busy - compute - once, 0.0), optimizer=once,
+                peak_memory=choice_.memory, activations=choice_.memory - state, parameter_state=state,
+                mfu=flops / result.step_time / (choice_.devices * device.peak(dtype)))
+    return Stage(index=j, layers=layers, mesh=LogicalMesh.build(costs.cluster, choice_.mesh_shape, first),
+                 nodes=nodes, params=params, cost=cost, checkpoint=choice_.checkpoint,
+                 microbatch_time=choice_.time * share)

@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from autopar.errors import InfeasibleError
 from autopar.graph import CapturedGraph
 from autopar.vocab import shard_count
-from autopar.passes.ilp import solve
+from autopar.passes.ilp import evaluate, solve
 from autopar.passes.rules import tensor_args
 from autopar.passes.sharding import ShardingProblem
 from autopar.passes.strategies import Strategy
 
-BUDGET_FRACTIONS = (0.5, 0.25, 0.1)
-"""Memory budgets, as fractions of a part's unconstrained plan, under which it is solved again."""
+LEANER = ((1.0, (0.3,)), (0.0, (0.5, 0.2)))
+"""(activation weight, budgets): a part is solved again under these memory budgets, as fractions
+of its unconstrained plan's, counting its activations at this weight (0: its parameter state only,
+what matters to a pipeline stage that keeps few of many microbatches)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +69,9 @@ class Parts:
                 self.part_of[u.index] = f"layer:{sig}"
             else:
                 self.part_of[u.index] = "pre" if u.index < first_layer_unit else "post"
-        self._plans: dict[str, list[PartPlan]] = {}
+        self._plans: dict[tuple, list[PartPlan]] = {}
+        self.layer_parts = [p for p in dict.fromkeys(self.part_of.values()) if p.startswith("layer:")]
+        self._whole: dict[int, int] | None = None
         # edges between layers of different signatures: a stage pays for the ones whose both ends it holds
         self.cross = [(e, s, d) for e in problem.edges for s, d in e.occurrences  # the sides count their own
                       if self.part_of[s].startswith("layer:") and self.part_of[d].startswith("layer:")
@@ -83,12 +87,56 @@ class Parts:
             return self.part_of[unit] in ("pre", "post")
         return self.part_of[unit] == part
 
-    def plans(self, part: str) -> list[PartPlan]:
-        if part not in self._plans:
-            self._plans[part] = self._solve(part)
-        return self._plans[part]
+    def plans(self, part: str, layers: tuple[int, ...] | None = None) -> list[PartPlan]:
+        """A part's plans, fastest first. A side ("pre", "post", "ends") is solved with each layer
+        part held at its plan `layers[i]` (default: every layer's fastest); layer plans that agree
+        where they meet the side share its solution."""
+        if part.startswith("layer:"):
+            layers = None
+        elif layers is None:
+            layers = tuple(0 for _ in self.layer_parts)
+        key = (part, layers)
+        if key not in self._plans:
+            scoped = self._scoped(part)
+            fixed = self._fixed(part, scoped, layers) if layers is not None else {}
+            shared = (part, tuple(sorted(fixed.items())))
+            if shared not in self._plans:
+                self._plans[shared] = self._solve(part, scoped, fixed)
+            self._plans[key] = self._plans[shared]
+        return self._plans[key]
+
+    def restricted(self, part: str, allowed) -> PartPlan | None:
+        """The part's fastest plan among the strategies `allowed` admits (a named baseline's family,
+        `passes.baselines.predicate`), or None when it has none."""
+        key = ("restricted", part, allowed)
+        if key not in self._plans:
+            scoped = self._scoped(part)
+            scoped.budget, scoped.activation_weight = 1e18, 1.0
+            try:
+                found = solve(scoped, time_limit=self.time_limit, allowed=allowed)
+                self._plans[key] = self._measure(part, scoped, found.choice)
+            except InfeasibleError:
+                self._plans[key] = None
+        return self._plans[key]
+
+    def whole(self) -> dict[int, int] | None:
+        """The whole-graph ILP's choice (identical layers planned alike, no ZeRO-3): what each layer
+        does when planned together with the embedding and the head, one of each layer's plans."""
+        if self._whole is None:
+            try:
+                self._whole = dict(solve(self.problem, time_limit=self.time_limit,
+                                         allowed=lambda u, s: all(h.level < 3 for h in s.params.values())).choice)
+            except InfeasibleError:
+                self._whole = {}
+        return self._whole or None
 
     def _scoped(self, part: str) -> ShardingProblem:
+        """The sharding problem of one instance of the part (memoized; `_solve` sets its budget)."""
+        if ("scoped", part) not in self._plans:
+            self._plans[("scoped", part)] = self._build_scoped(part)
+        return self._plans[("scoped", part)]
+
+    def _build_scoped(self, part: str) -> ShardingProblem:
         problem = self.problem
         counts = {c: 0 for c in problem.strategies}
         for u in problem.units:
@@ -107,31 +155,44 @@ class Parts:
         return dataclasses.replace(problem, counts={c: counts[c] for c in keep},
                                    strategies={c: problem.strategies[c] for c in keep}, edges=edges, fixed_memory=0.0)
 
-    def _solve(self, part: str) -> list[PartPlan]:
-        scoped = self._scoped(part)
+    def _fixed(self, part: str, scoped: ShardingProblem, layers: tuple[int, ...]) -> dict[int, int]:
+        """The choices a side's problem holds fixed: the layers' (and, for the head, the embedding
+        side's) at the units it touches but does not own."""
+        held = [self.plans(l)[min(i, len(self.plans(l)) - 1)] if self.plans(l) else None
+                for l, i in zip(self.layer_parts, layers)]
+        if part == "post" and self.plans("pre", layers):
+            held.append(self.plans("pre", layers)[0])
         fixed: dict[int, int] = {}
-        if part in ("pre", "post", "ends"):  # the layers (and the embedding side, for the head) as planned
-            for other in [p for p in dict.fromkeys(self.part_of.values()) if p.startswith("layer:")] + (
-                    ["pre"] if part == "post" else []):
-                for c, i in self.plans(other)[0].choice if self.plans(other) else ():
-                    if c in scoped.strategies and scoped.counts.get(c, 0) == 0:
-                        fixed[c] = i
+        for plan in held:
+            for c, i in plan.choice if plan else ():
+                if c in scoped.strategies and scoped.counts.get(c, 0) == 0:
+                    fixed[c] = i
+        return fixed
+
+    def _solve(self, part: str, scoped: ShardingProblem, fixed: dict[int, int]) -> list[PartPlan]:
         allowed = lambda u, s: (all(h.level < 3 for h in s.params.values()) and  # noqa: E731
                                 (u not in fixed or scoped.strategies[u][fixed[u]] is s))
-        scoped.budget = 1e18  # unconstrained: the stage, not the part, must fit
+        scoped.budget, scoped.activation_weight = 1e18, 1.0  # unconstrained: the stage, not the part, must fit
         found = []
         try:
             first = solve(scoped, time_limit=self.time_limit, allowed=allowed)
         except InfeasibleError:
             return []
         found.append(first.choice)
-        top = first.memory
-        for fraction in BUDGET_FRACTIONS:
-            scoped.budget = top * fraction
-            try:
-                found.append(solve(scoped, time_limit=self.time_limit, allowed=allowed, warm_start=first.choice).choice)
-            except InfeasibleError:
-                break
+        # leaner plans: in all the memory, then (a stage keeps a few microbatches of many) in state only
+        for weight, fractions in LEANER:
+            scoped.activation_weight = weight
+            top = evaluate(scoped, first.choice)[1]
+            for fraction in fractions:
+                scoped.budget = top * fraction
+                try:
+                    found.append(solve(scoped, time_limit=self.time_limit, allowed=allowed,
+                                       warm_start=first.choice).choice)
+                except InfeasibleError:
+                    break
+        whole = self.whole() if part.startswith("layer:") else None
+        if whole is not None:  # the layer as the whole-graph plan has it
+            found.append({c: whole[c] for c in scoped.strategies})
         plans = {}
         for choice in found:
             plan = self._measure(part, scoped, choice)
@@ -145,7 +206,7 @@ class Parts:
             s: Strategy = scoped.strategies[c][choice[c]]
             share = _forward_share(captured, self.problem.units[c].members)
             compute += n * s.compute
-            work += n * (s.compute + s.comm - s.sync - s.gathers)
+            work += n * (s.compute + s.comm - s.sync)  # FSDP gathers (pp = 1 only) are per microbatch
             forward += n * s.compute * share
             once += n * (s.sync + s.optimizer)
             activations += n * s.activations

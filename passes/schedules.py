@@ -74,11 +74,12 @@ def in_flight(kind: str, stages: int, microbatches: int, stage: int, virtual: in
     return float(min(microbatches, stages - stage))
 
 
-def microbatch_counts(batch: int, limit: int = 64) -> list[int]:
-    """The microbatch counts the planner tries: the divisors of the batch up to `limit`."""
+def microbatch_counts(batch: int, limit: int | None = None) -> list[int]:
+    """The microbatch counts the planner tries: the divisors of the batch (up to `limit`), down to
+    microbatches of one sample (Megatron-LM trains GPT-3 175B so)."""
     if batch < 1:
         raise ValueError(f"batch: found {batch}, required >= 1")
-    return [m for m in range(1, min(batch, limit) + 1) if batch % m == 0]
+    return [m for m in range(1, min(batch, limit or batch) + 1) if batch % m == 0]
 
 
 

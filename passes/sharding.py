@@ -90,6 +90,9 @@ class ShardingProblem:
     """Bytes every plan holds regardless of strategy (buffers)."""
     context: Context
     warnings: list[str] = field(default_factory=list)
+    activation_weight: float = 1.0
+    """How much of the activations count against the budget: 1 for a whole-batch step; a pipeline
+    stage holds only the microbatches in flight (`passes.parts` solves with 0 for its leanest plans)."""
 
     @property
     def canonical(self) -> list[int]:

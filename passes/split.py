@@ -137,7 +137,11 @@ def split(plan: Plan, captured: CapturedGraph, cluster: Cluster, spec: PipelineS
     step = schedules.step_time(spec.schedule, group_time, m, group_once, v)
     schedule = Schedule(kind=kind, microbatches=m, virtual=v,
                         bubble=schedules.bubble_fraction(spec.schedule, p, m, v) if kind != "none" else 0.0)
-    cost = dataclasses.replace(plan.cost, step_time=step, peak_memory=max(s.cost.peak_memory for s in stages),
+    busiest = max(range(p), key=lambda g: m * group_time[g] + group_once[g])
+    mine = stages[busiest::p]
+    cost = dataclasses.replace(plan.cost, step_time=step, compute=sum(s.cost.compute for s in mine),
+                               communication=sum(s.cost.communication for s in mine),
+                               optimizer=sum(s.cost.optimizer for s in mine), peak_memory=max(s.cost.peak_memory for s in stages),
                                activations=max(s.cost.activations for s in stages),
                                parameter_state=max(s.cost.parameter_state for s in stages),
                                mfu=plan.cost.mfu * plan.cost.step_time / step / p)

@@ -81,12 +81,7 @@ class CompiledModel:
 
     def step(self, *inputs, target=None) -> torch.Tensor:
         """One training step on the whole batch (every rank passes the same batch); returns the loss."""
-        if not self.captured.has_loss:
-            raise ValueError("step: found a model compiled without loss_fn, required one (compile with loss_fn=)")
-        if target is None:
-            raise ValueError("step: found no target, required target=<the batch's targets>")
-        if self.optimizer is None:
-            raise ValueError("step: found no optimizer, required compile(..., optimizer=lambda ps: ...)")
+        check_step(self.captured, target, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         outputs = self._run(pytree.tree_leaves((inputs, target)), grad=True)
         loss, placed = outputs[0], self.layout.outputs[0][1]
@@ -206,3 +201,13 @@ class _LossValue:
 
 def _whole(placed: tuple) -> tuple:
     return tuple(Replicate() for _ in placed)
+
+
+def check_step(captured, target, optimizer) -> None:
+    """What `step` needs: a loss, the batch's targets and an optimizer; ValueError naming the missing one."""
+    if not captured.has_loss:
+        raise ValueError("step: found a model compiled without loss_fn, required one (compile with loss_fn=)")
+    if target is None:
+        raise ValueError("step: found no target, required target=<the batch's targets>")
+    if optimizer is None:
+        raise ValueError("step: found no optimizer, required compile(..., optimizer=lambda ps: ...)")

@@ -23,7 +23,8 @@ def torchrun_command(nproc: int, target: list[str]) -> list[str]:
 
 
 def launch(*, nproc: int, model: str | None, script: str | None, script_args: list[str], steps: int,
-           strategy: str, batch_size: int, lr: float, timeout: float) -> int:
+           strategy: str, batch_size: int, lr: float, timeout: float, plan: str | None = None,
+           pipeline: list[str] | None = None) -> int:
     """Run torchrun and return its exit code."""
     if (model is None) == (script is None):
         raise ValueError("autopar run: found " + ("both --model and a script" if model else "neither --model nor a "
@@ -35,13 +36,40 @@ def launch(*, nproc: int, model: str | None, script: str | None, script_args: li
             raise ValueError(f"script: found no file {script!r}, required a Python file to run on every rank")
         target = [script, *script_args]
     else:
-        target = ["-m", "autopar.runtime.launch", "--model", model, "--steps", str(steps), "--strategy", strategy,
+        target = ["-m", "autopar.runtime.launch", *(["--plan", plan] if plan else []), *(pipeline or []),
+                  "--model", model, "--steps", str(steps), "--strategy", strategy,
                   "--batch-size", str(batch_size), "--lr", str(lr), "--timeout", str(timeout)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.run(torchrun_command(nproc, target), env=env).returncode
 
 
-def train(model: str, *, steps: int, strategy: str, batch_size: int, lr: float, timeout: float) -> None:
+def pipeline_args(parser: argparse.ArgumentParser) -> None:
+    """--stages, --microbatches, --schedule: a pipeline fixed by hand (`autopar.PipelineSpec`)."""
+    parser.add_argument("--stages", type=int, default=None,
+                        help="pipeline stages of equal layer counts, fixed by hand (default: none)")
+    parser.add_argument("--microbatches", type=int, default=1, help="with --stages (default: %(default)s)")
+    parser.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b", "interleaved", "zero-bubble"],
+                        help="with --stages (default: %(default)s)")
+
+
+def pipeline_spec(args: argparse.Namespace):
+    """The `PipelineSpec` the --stages options give, or False."""
+    if args.stages is None:
+        return False
+    from autopar.passes.split import PipelineSpec
+
+    return PipelineSpec(stages=args.stages, microbatches=args.microbatches, schedule=args.schedule)
+
+
+def pipeline_argv(args: argparse.Namespace) -> list[str]:
+    """The same options, for the ranks' command line."""
+    if args.stages is None:
+        return []
+    return ["--stages", str(args.stages), "--microbatches", str(args.microbatches), "--schedule", args.schedule]
+
+
+def train(model: str, *, steps: int, strategy: str, batch_size: int, lr: float, timeout: float,
+          plan: str | None = None, pipeline=False) -> None:
     """One rank of `autopar run --model`: compile, train on synthetic batches, report on rank 0."""
     import torch
     import torch.distributed as dist
@@ -54,12 +82,15 @@ def train(model: str, *, steps: int, strategy: str, batch_size: int, lr: float, 
     net = entry.build(seed=0)
     inputs, target = entry.example_batch(batch_size, seed=0)
     compiled = autopar.compile(net, cluster, example_inputs=inputs, loss_fn=entry.loss_fn, target=target,
-                               optimizer=lambda ps: torch.optim.AdamW(ps, lr=lr), strategy=strategy, timeout=timeout)
+                               optimizer=lambda ps: torch.optim.AdamW(ps, lr=lr), strategy=strategy, timeout=timeout,
+                               plan=autopar.Plan.load(plan) if plan else None, pipeline=pipeline)
     rank = dist.get_rank() if dist.is_initialized() else 0
     plan = compiled.plan
     if rank == 0:
+        stages = (f", {len(plan.stages)} stages, {plan.schedule.kind} over {plan.schedule.microbatches} microbatches"
+                  if plan.schedule.kind != "none" else "")
         print(f"{model} on {plan.num_devices} rank(s), {plan.strategy} plan, mesh "
-              f"{'×'.join(map(str, plan.stages[0].mesh.shape))}, batch {batch_size}", flush=True)
+              f"{'×'.join(map(str, plan.stages[0].mesh.shape))}{stages}, batch {batch_size}", flush=True)
     times = []
     for step in range(steps):
         inputs, target = entry.example_batch(batch_size, seed=step)
@@ -84,9 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--plan", default=None)
+    pipeline_args(parser)
     args = parser.parse_args(argv)
     train(args.model, steps=args.steps, strategy=args.strategy, batch_size=args.batch_size, lr=args.lr,
-          timeout=args.timeout)
+          timeout=args.timeout, plan=args.plan, pipeline=pipeline_spec(args))
     return 0
 
 

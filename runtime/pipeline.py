@@ -40,7 +40,7 @@ from autopar.plan import Plan, Stage
 from autopar.passes import schedules
 from autopar.passes.rules import tensor_args
 from autopar.runtime.collectives import transform
-from autopar.runtime.compiled import _LossValue
+from autopar.runtime.compiled import _LossValue, check_step
 from autopar.runtime.params import Holder, regather
 from autopar.runtime.sync import GradientSync, bucketed
 from autopar.runtime.world import World
@@ -279,12 +279,7 @@ class PipelineModel:
 
     def step(self, *inputs, target=None) -> torch.Tensor:
         """One training step on the whole batch (every rank passes the same batch); returns the loss."""
-        if not self.captured.has_loss:
-            raise ValueError("step: found a model compiled without loss_fn, required one (compile with loss_fn=)")
-        if target is None:
-            raise ValueError("step: found no target, required target=<the batch's targets>")
-        if self.optimizer is None:
-            raise ValueError("step: found no optimizer, required compile(..., optimizer=lambda ps: ...)")
+        check_step(self.captured, target, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         whole = [x.to(self.world.device) for x in pytree.tree_leaves((inputs, target))]
         micro = self._microbatches(whole)

@@ -10,7 +10,7 @@ from autopar.models.moe import MoEFeedForward, expert_capacity
 TINY = ["gpt-tiny", "llama-tiny", "mlp-tiny", "moe-tiny", "wresnet-tiny"]
 FULL = [
     "gpt3-125m", "gpt3-350m", "gpt3-760m", "gpt3-1.3b", "gpt3-2.7b", "gpt3-6.7b", "gpt3-13b",
-    "gpt3-175b", "llama3-8b", "llama3-70b", "llama3-405b", "mlp", "moe-690m", "moe-2.4b",
+    "gpt3-175b", "gpt-39b", "llama3-8b", "llama3-70b", "llama3-405b", "mlp", "moe-690m", "moe-2.4b",
     "moe-70b", "wresnet-254m", "wresnet-500m", "wresnet-1b", "wresnet-1.97b", "wresnet-4b",
     "wresnet-6.7b", "wresnet-13.3b",
 ]

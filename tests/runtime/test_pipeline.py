@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from autopar.testing import differences, pipeline_plan
+from autopar.testing import differences, pipeline_plan, searched_pipeline_plan
 
 LAYERS = {"n_layers": 8}
 
@@ -96,3 +96,13 @@ def test_batch_norm_refuses_microbatches(pools):
     (got,) = pools(2).run([case])
     assert "found 4 microbatches and batch norm in training" in got["error"]
     assert "required 1 microbatch" in got["error"]
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved", "zero-bubble"])
+def test_plans_of_the_stage_dp_train_like_one_device(schedule, pools):
+    """The inter-op pass's own choices (stage split, submeshes, microbatches, each stage's ILP plan)."""
+    for dtype in ("float32", "float64"):
+        case = {"model": "gpt-tiny", "dtype": dtype, "batch": 16, "overrides": LAYERS,
+                "plan": searched_pipeline_plan("gpt-tiny", 4, schedule, dtype=dtype, batch=16, overrides=LAYERS)}
+        (got,) = pools(4).run([case])
+        check(case, got, parameters=dtype == "float64")
