@@ -92,8 +92,9 @@ def plan_graph(captured: CapturedGraph, cluster: Cluster, *, model_name: str = "
 
     best: tuple[ShardingProblem, ShardingSolution] | None = None
     comparisons, tried, floors, warnings = [], [], [], []
+    built = {}
     for mesh in meshes:
-        problem = build_problem(captured, mesh, cluster, options)
+        problem = built[mesh.shape] = build_problem(captured, mesh, cluster, options)
         warnings += [w for w in problem.warnings if w not in warnings]
         found = _solve_baselines(problem, names, cluster, time_limit, comparisons)
         if strategy == "auto":
@@ -109,7 +110,7 @@ def plan_graph(captured: CapturedGraph, cluster: Cluster, *, model_name: str = "
             if best is None or solution.step_time < best[1].step_time:
                 best = (problem, solution)
     if strategy == "auto" and (pipeline or (pipeline is None and best is None)):
-        piped = _pipelined(captured, cluster, options, time_limit, model_name)
+        piped = _pipelined(captured, cluster, options, time_limit, model_name, problems=built)
         if piped is not None and (best is None or piped.cost.step_time < best[1].step_time):
             return dataclasses.replace(piped, baselines=tuple(comparisons), warnings=tuple(warnings) + piped.warnings,
                                        search=dataclasses.replace(piped.search, meshes=tuple(tried) + piped.search.meshes,
@@ -132,8 +133,9 @@ def plan_graph(captured: CapturedGraph, cluster: Cluster, *, model_name: str = "
 
 
 def _pipelined(captured: CapturedGraph, cluster: Cluster, options: ShardingOptions, time_limit: float,
-               model_name: str, kinds: tuple[str, ...] = PIPELINE_SCHEDULES) -> Plan | None:
-    """The best plan with pipeline stages (`passes.interop`), or None when no split fits."""
+               model_name: str, kinds: tuple[str, ...] = PIPELINE_SCHEDULES, problems=None) -> Plan | None:
+    """The best plan with pipeline stages (`passes.interop`), or None when no split fits. `problems`:
+    the single-stage search's sharding problems by mesh shape, reused for stages on all devices."""
     from autopar.passes import interop, schedules
     from autopar.passes.split import batch_statistics
 
@@ -143,7 +145,7 @@ def _pipelined(captured: CapturedGraph, cluster: Cluster, options: ShardingOptio
     batch = captured.nodes[captured.inputs[0]].output.shape[0]
     options = dataclasses.replace(options, levels=tuple(l for l in options.levels if l < 3) or (0,))
     costs = interop.StageCosts(captured, cluster, options, interop.cluster_layers(captured, MAX_BLOCKS), batch,
-                               time_limit)
+                               time_limit, problems)
     counts = [1] if batch_statistics(captured) else None  # batch norm: the batch's statistics, one microbatch
     found = interop.search(costs, interop.submeshes(cluster), schedules_=kinds, microbatches=counts)
     if found is None:
@@ -164,8 +166,8 @@ def _pipelined(captured: CapturedGraph, cluster: Cluster, options: ShardingOptio
                 mfu=model_flops / found.step_time / (cluster.num_devices * cluster.device.peak(dtype)))
     report = SearchReport(solver="HiGHS", status="optimal", gap=0.0, variables=0, constraints=0,
                           seconds=time.perf_counter() - start,
-                          meshes=(MeshResult(shape=(p, *slowest.mesh.shape), step_time=found.step_time,
-                                             note=f"{p} stages"),))
+                          meshes=(MeshResult(shape=slowest.mesh.shape, step_time=found.step_time,
+                                             note=f"{p} pipeline stages, the slowest on this mesh"),))
     warnings = (f"pipelined plan: stage costs scale the whole-batch graph by 1/{m} per microbatch; "
                 f"ZeRO-3 is left out of pipelined stages",) if p > 1 else ()
     return Plan(model=model_name, fingerprint=fingerprint(captured), strategy="auto", precision=options.precision,

@@ -36,10 +36,12 @@ def summarize(plan: Plan) -> str:
         f"{fmt_seconds(c.communication)}, optimizer {fmt_seconds(c.optimizer)}; MFU {c.mfu:.1%}",
         f"memory per device {fmt_bytes(c.peak_memory)} of {fmt_bytes(budget)}: activations "
         f"{fmt_bytes(c.activations)}, parameters+gradients+optimizer {fmt_bytes(c.parameter_state)}",
-        f"search: {plan.search.solver} {plan.search.status} in {plan.search.seconds:.2f} s, "
-        f"{plan.search.variables} variables, {plan.search.constraints} constraints; meshes tried: "
+        f"search: {plan.search.solver} {plan.search.status} in {plan.search.seconds:.2f} s"
+        + (f", {plan.search.variables} variables, {plan.search.constraints} constraints"
+           if plan.search.variables else "") + "; meshes tried: "
         + ", ".join(f"{'×'.join(map(str, m.shape))} "
-                    + (fmt_seconds(m.step_time) if m.step_time is not None else m.note) for m in plan.search.meshes),
+                    + (fmt_seconds(m.step_time) + (f" ({m.note})" if m.note else "") if m.step_time is not None
+                       else m.note) for m in plan.search.meshes),
         "",
     ]
     for s in plan.stages:

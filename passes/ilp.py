@@ -13,13 +13,17 @@ units sharing u's variables:
 with y ≥ 0 continuous: for binary x the two transport constraints force y to the product.
 Edges whose table is a sum of a row and a column term need no y; strategies another one of the
 same unit dominates (the same placements on every edge, no more time and no more memory) are
-dropped before the solver sees them. Built with PuLP, solved by HiGHS (CBC if HiGHS fails), with
-a time limit, one thread and a fixed seed, so the same problem gives the same plan.
+dropped before the solver sees them, and so are strategies that alone would overspend the memory
+left after every other unit's least. Built as plain arrays and solved by HiGHS (PuLP's CBC if
+HiGHS fails), with a time limit, one thread and a fixed seed, so the same problem gives the same
+plan. Presolve is off: the programs are small, and on them it costs more than it saves.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -89,12 +93,17 @@ def _candidates(problem: ShardingProblem, allowed) -> dict[int, list[int]]:
         touching[e.src].append((k, "row"))
         if e.dst != e.src:
             touching[e.dst].append((k, "col"))
+    least = {u: min((_memory(problem, s) for s in strategies if allowed is None or allowed(u, s)), default=0.0)
+             for u, strategies in problem.strategies.items()}
+    slack = problem.budget - minimum_memory(problem, allowed)  # what the units may spend above their least
     result = {}
     for u, strategies in problem.strategies.items():
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(strategies):
             if allowed is not None and not allowed(u, s):
                 continue
+            if problem.counts[u] * (_memory(problem, s) - least[u]) > slack * (1 + 1e-9):
+                continue  # over budget whatever the other units pick
             key = tuple(problem.edges[k].rows[i] if side == "row" else problem.edges[k].cols[i]
                         for k, side in touching[u]) + tuple(
                 problem.edges[k].cols[i] for k, side in touching[u] if problem.edges[k].dst == u == problem.edges[k].src)
@@ -125,38 +134,41 @@ def solve(problem: ShardingProblem, *, time_limit: float = 60.0, warm_start: dic
           allowed: Callable[[int, Strategy], bool] | None = None) -> ShardingSolution:
     """The cheapest assignment that fits; `allowed` restricts the strategies (the named baselines)."""
     start = time.perf_counter()
-    candidates = _candidates(problem, allowed)
-    empty = [u for u, c in candidates.items() if not c]
-    if empty:
-        raise InfeasibleError(f"no allowed strategy for {problem.units[empty[0]].members[0]}")
     floor = minimum_memory(problem, allowed)
+    if floor == float("inf"):
+        unit = next(u for u, strategies in problem.strategies.items()
+                    if not any(allowed is None or allowed(u, s) for s in strategies))
+        raise InfeasibleError(f"no allowed strategy for {problem.units[unit].members[0]}")
     if floor > problem.budget:
         raise InfeasibleError(
             f"the model needs at least {fmt_bytes(floor)} per device under any plan on a "
             f"{'×'.join(map(str, problem.mesh.shape))} mesh; each device has {fmt_bytes(problem.budget)} "
             f"usable ({fmt_bytes(problem.cluster.device.memory)} {problem.cluster.device.name})",
             required_bytes=floor, available_bytes=problem.budget)
+    candidates = _candidates(problem, allowed)
 
-    lp = pulp.LpProblem("sharding", pulp.LpMinimize)
-    x = {u: {s: lp.add_variable(f"x_{u}_{s}", cat=pulp.LpBinary) for s in c} for u, c in candidates.items()}
-    objective, memory = [], []
+    model = _Model()
+    x = {u: {s: model.column(integer=True) for s in c} for u, c in candidates.items()}
+    memory = []
     for u, choices in x.items():
-        lp += pulp.lpSum(choices.values()) == 1, f"one_{u}"
+        model.row([(var, 1.0) for var in choices.values()], 1.0, 1.0)  # one strategy per unit
         for s, var in choices.items():
             st = problem.strategies[u][s]
-            objective.append((problem.counts[u] * st.time * _US + _TIE * _complexity(st), var))
-            memory.append((problem.counts[u] * _memory(problem, st) * _GB, var))
-    for k, e in enumerate(problem.edges):
-        _add_edge(lp, k, e, x, objective)
-    lp += _affine(objective)
-    lp += _affine(memory) <= (problem.budget - problem.fixed_memory) * _GB, "memory"
+            model.cost[var] += problem.counts[u] * st.time * _US + _TIE * _complexity(st)
+            memory.append((var, problem.counts[u] * _memory(problem, st) * _GB))
+    for e in problem.edges:
+        _add_edge(model, e, x)
+    model.row(memory, -math.inf, (problem.budget - problem.fixed_memory) * _GB)
+    warm = None
     if warm_start:
+        warm = [0.0] * len(model.cost)
         for u, choices in x.items():
-            for s, var in choices.items():
-                var.setInitialValue(1 if warm_start.get(u) == s else 0)
+            if warm_start.get(u) in choices:
+                warm[choices[warm_start[u]]] = 1.0
 
-    status, gap, solver = _run(lp, time_limit, bool(warm_start))
-    picked = {u: [s for s, var in choices.items() if (var.value() or 0) > 0.5] for u, choices in x.items()}
+    values, status, gap, solver = _run(model, time_limit, warm)
+    picked = {u: [s for s, var in choices.items() if values is not None and values[var] > 0.5]
+              for u, choices in x.items()}
     if all(len(p) == 1 for p in picked.values()):
         choice = {u: p[0] for u, p in picked.items()}
     elif warm_start and all(warm_start.get(u) in choices for u, choices in x.items()):
@@ -166,78 +178,141 @@ def solve(problem: ShardingProblem, *, time_limit: float = 60.0, warm_start: dic
                   for u, c in candidates.items()}
         status, gap = "time limit", float("nan")
     step_time, mem = evaluate(problem, choice)
+    objective = sum(c * v for c, v in zip(model.cost, values)) / _US if values is not None else float("nan")
     return ShardingSolution(choice=choice, step_time=step_time, memory=mem, status=status, gap=gap,
-                            seconds=time.perf_counter() - start, variables=lp.numVariables(),
-                            constraints=lp.numConstraints(), solver=solver,
-                            objective=(pulp.value(lp.objective) or 0.0) / _US)
+                            seconds=time.perf_counter() - start, variables=len(model.cost),
+                            constraints=len(model.rows), solver=solver, objective=objective)
 
 
-def _affine(terms: list[tuple[float, pulp.LpVariable]]) -> pulp.LpAffineExpression:
-    coefficients: dict = {}
-    for c, var in terms:
-        coefficients[var] = coefficients.get(var, 0.0) + c
-    return pulp.LpAffineExpression(list(coefficients.items()))
+class _Model:
+    """A mixed-integer program as plain lists: minimize cost·v over columns v ≥ 0 (binary where
+    integer), rows lo ≤ Σ a·v ≤ hi."""
+
+    def __init__(self) -> None:
+        self.cost: list[float] = []
+        self.integer: list[bool] = []
+        self.rows: list[tuple[list[tuple[int, float]], float, float]] = []
+
+    def column(self, integer: bool = False) -> int:
+        self.cost.append(0.0)
+        self.integer.append(integer)
+        return len(self.cost) - 1
+
+    def row(self, terms: list[tuple[int, float]], lo: float, hi: float) -> None:
+        self.rows.append((terms, lo, hi))
 
 
-def _add_edge(lp, k: int, e, x, objective: list) -> None:
+def _add_edge(model: _Model, e, x) -> None:
     live_rows = sorted({e.rows[s] for s in x[e.src]})
     live_cols = sorted({e.cols[s] for s in x[e.dst]})
     cost = {(i, j): e.count * e.cost[i][j] * _US for i in live_rows for j in live_cols}
     if e.src == e.dst:  # a unit feeding itself across shared layers: only the diagonal exists
         for s, var in x[e.src].items():
-            objective.append((cost[(e.rows[s], e.cols[s])], var))
+            model.cost[var] += cost[(e.rows[s], e.cols[s])]
         return
     i0, j0 = live_rows[0], live_cols[0]
     separable = all(abs(cost[(i, j)] - cost[(i, j0)] - cost[(i0, j)] + cost[(i0, j0)]) < 1e-12
                     for i in live_rows for j in live_cols)
     if separable:  # cost(i, j) = a(i) + b(j): no product needed
         for s, var in x[e.src].items():
-            objective.append((cost[(e.rows[s], j0)], var))
+            model.cost[var] += cost[(e.rows[s], j0)]
         for s, var in x[e.dst].items():
-            objective.append((cost[(i0, e.cols[s])] - cost[(i0, j0)], var))
+            model.cost[var] += cost[(i0, e.cols[s])] - cost[(i0, j0)]
         return
-    y = {(i, j): lp.add_variable(f"y_{k}_{i}_{j}", lowBound=0) for i in live_rows for j in live_cols}
+    y = {}
+    for key in cost:
+        y[key] = model.column()
+        model.cost[y[key]] += cost[key]
     for i in live_rows:
-        lp += (pulp.lpSum(y[(i, j)] for j in live_cols)
-               == pulp.lpSum(var for s, var in x[e.src].items() if e.rows[s] == i)), f"row_{k}_{i}"
+        model.row([(y[(i, j)], 1.0) for j in live_cols]
+                  + [(var, -1.0) for s, var in x[e.src].items() if e.rows[s] == i], 0.0, 0.0)
     for j in live_cols:
-        lp += (pulp.lpSum(y[(i, j)] for i in live_rows)
-               == pulp.lpSum(var for s, var in x[e.dst].items() if e.cols[s] == j)), f"col_{k}_{j}"
-    objective.extend((cost[key], var) for key, var in y.items())
+        model.row([(y[(i, j)], 1.0) for i in live_rows]
+                  + [(var, -1.0) for s, var in x[e.dst].items() if e.cols[s] == j], 0.0, 0.0)
 
 
-class _HiGHS(pulp.HiGHS):
-    """PuLP's HiGHS interface, with the starting solution handed to HiGHS before it runs."""
-
-    def callSolver(self, lp):
-        if self.optionsDict.pop("_warm", False):
-            import highspy
-
-            solution = highspy.HighsSolution()
-            solution.col_value = [v.varValue if v.varValue is not None else 0.0 for v in lp.variables()]
-            solution.value_valid = True
-            lp.solverModel.setSolution(solution)
-        lp.solverModel.run()
-
-
-def _run(lp, time_limit: float, warm: bool) -> tuple[str, float, str]:
+def _run(model: _Model, time_limit: float, warm: list[float] | None
+         ) -> tuple[list[float] | None, str, float, str]:
+    """Column values (None when the solver stopped before any), status, gap and solver name."""
     try:
-        options = {"random_seed": 0, "mip_abs_gap": 0.0}
-        if warm:
-            options["_warm"] = True
-        solver = _HiGHS(msg=False, timeLimit=time_limit, threads=1, gapRel=1e-6, **options)
-        lp.solve(solver)
-        model = lp.solverModel
-        gap = float(model.getInfo().mip_gap)
-        limit = model.getModelStatus().name == "kTimeLimit" if hasattr(model.getModelStatus(), "name") else False
+        values, limit, gap = _highs(model, time_limit, warm)
         name = "HiGHS"
+    except InfeasibleError:
+        raise
     except Exception as e:  # noqa: BLE001 - HiGHS failing is exactly when CBC is the fallback
         logger.warning("HiGHS failed (%s); solving with CBC", e)
-        with warnings.catch_warnings():  # PuLP 3 bundles CBC behind a name PuLP 4 will rename
-            warnings.simplefilter("ignore", DeprecationWarning)
-            lp.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, warmStart=warm, threads=1))
-        gap, limit, name = 0.0, lp.status != pulp.LpStatusOptimal, "CBC"
+        values, limit, gap = _cbc(model, time_limit, warm)
+        name = "CBC"
+    return values, ("time limit" if limit else "optimal"), (gap if gap == gap and gap < 1e30 else float("nan")), name
+
+
+_INFEASIBLE = ("the sharding ILP is infeasible although each unit has a strategy that fits; the memory budget "
+               "is too tight for any combination")
+
+
+def _highs(model: _Model, time_limit: float, warm: list[float] | None) -> tuple[list[float] | None, bool, float]:
+    """HiGHS on the column-wise matrix: one thread, a fixed seed, an exact gap."""
+    import highspy
+
+    n = len(model.cost)
+    columns: list[list[tuple[int, float]]] = [[] for _ in range(n)]
+    for r, (terms, _, _) in enumerate(model.rows):
+        for var, a in terms:
+            columns[var].append((r, a))
+    lp = highspy.HighsLp()
+    lp.num_col_, lp.num_row_ = n, len(model.rows)
+    lp.col_cost_ = model.cost
+    lp.col_lower_ = [0.0] * n
+    lp.col_upper_ = [1.0 if i else highspy.kHighsInf for i in model.integer]
+    lp.row_lower_ = [lo if lo > -math.inf else -highspy.kHighsInf for _, lo, _ in model.rows]
+    lp.row_upper_ = [hi if hi < math.inf else highspy.kHighsInf for _, _, hi in model.rows]
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = [0] + list(itertools.accumulate(len(c) for c in columns))
+    lp.a_matrix_.index_ = [r for c in columns for r, _ in c]
+    lp.a_matrix_.value_ = [a for c in columns for _, a in c]
+    lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous
+                       for i in model.integer]
+    h = highspy.Highs()
+    for option, value in (("output_flag", False), ("threads", 1), ("random_seed", 0), ("mip_abs_gap", 0.0),
+                          ("mip_rel_gap", 1e-6), ("presolve", "off"), ("time_limit", float(time_limit))):
+        h.setOptionValue(option, value)
+    h.passModel(lp)
+    if warm is not None:
+        solution = highspy.HighsSolution()
+        solution.col_value = warm
+        solution.value_valid = True
+        h.setSolution(solution)
+    h.run()
+    status = h.getModelStatus()
+    if status == highspy.HighsModelStatus.kInfeasible:
+        raise InfeasibleError(_INFEASIBLE)
+    limit = status == highspy.HighsModelStatus.kTimeLimit
+    if status not in (highspy.HighsModelStatus.kOptimal, highspy.HighsModelStatus.kTimeLimit):
+        raise RuntimeError(f"HiGHS ended with {h.modelStatusToString(status)}")
+    info = h.getInfo()
+    found = info.primal_solution_status == 2  # a feasible point exists
+    return (list(h.getSolution().col_value) if found else None), limit, float(info.mip_gap)
+
+
+def _cbc(model: _Model, time_limit: float, warm: list[float] | None) -> tuple[list[float] | None, bool, float]:
+    """The same program through PuLP's bundled CBC."""
+    lp = pulp.LpProblem("sharding", pulp.LpMinimize)
+    v = [lp.add_variable(f"v{i}", lowBound=0, upBound=1 if integer else None,
+                         cat=pulp.LpBinary if integer else pulp.LpContinuous) for i, integer in enumerate(model.integer)]
+    lp += pulp.LpAffineExpression([(v[i], c) for i, c in enumerate(model.cost) if c])
+    for r, (terms, lo, hi) in enumerate(model.rows):
+        expression = pulp.LpAffineExpression([(v[var], a) for var, a in terms])
+        if lo == hi:
+            lp += expression == lo, f"r{r}"
+        else:
+            lp += expression <= hi, f"r{r}"
+    if warm is not None:
+        for var, value in zip(v, warm):
+            var.setInitialValue(value)
+    with warnings.catch_warnings():  # PuLP 3 bundles CBC behind a name PuLP 4 will rename
+        warnings.simplefilter("ignore", DeprecationWarning)
+        lp.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, warmStart=warm is not None, threads=1))
     if lp.status == pulp.LpStatusInfeasible:
-        raise InfeasibleError("the sharding ILP is infeasible although each unit has a strategy "
-                              "that fits; the memory budget is too tight for any combination")
-    return ("time limit" if limit else "optimal"), (gap if gap == gap and gap < 1e30 else float("nan")), name
+        raise InfeasibleError(_INFEASIBLE)
+    values = [var.value() or 0.0 for var in v]
+    return values, lp.status != pulp.LpStatusOptimal, 0.0

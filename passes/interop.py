@@ -43,7 +43,7 @@ from autopar.vocab import LogicalMesh, candidate_meshes
 from autopar.passes import schedules
 from autopar.passes.parts import Parts, PartPlan
 from autopar.passes.rules import tensor_args
-from autopar.passes.sharding import ShardingOptions, build_problem
+from autopar.passes.sharding import ShardingOptions, ShardingProblem, build_problem
 from autopar.passes.split import chunk_of
 
 
@@ -157,10 +157,13 @@ class StageCosts:
     """Stage time, once-per-step time and memory of a block range on a submesh, memoized."""
 
     def __init__(self, captured: CapturedGraph, cluster: Cluster, options: ShardingOptions, blocks: list[tuple[int, int]],
-                 batch: int, time_limit: float) -> None:
+                 batch: int, time_limit: float, problems: dict[tuple[int, ...], ShardingProblem] | None = None) -> None:
+        """`problems`: sharding problems already built for some mesh shapes (with these options, or
+        with ZeRO-3 as well, which the parts leave out)."""
         self.captured, self.cluster, self.options, self.blocks = captured, cluster, options, blocks
         self.batch, self.time_limit = batch, time_limit
         self.budget = options.memory_budget or cluster.device.memory * (1 - options.workspace)
+        self._problems = dict(problems or {})
         self._parts: dict[tuple[int, ...], Parts] = {}
         self._memo: dict[tuple, Any] = {}
         self.signature = {l.index: l.signature for l in captured.layers}
@@ -168,7 +171,8 @@ class StageCosts:
     def parts(self, shape: tuple[int, ...]) -> Parts:
         """The parts of the sharding problem on a mesh of this shape (built on first use)."""
         if shape not in self._parts:
-            problem = build_problem(self.captured, LogicalMesh.build(self.cluster, shape), self.cluster, self.options)
+            problem = self._problems.pop(shape, None) or build_problem(
+                self.captured, LogicalMesh.build(self.cluster, shape), self.cluster, self.options)
             self._parts[shape] = Parts(problem, self.time_limit)
         return self._parts[shape]
 

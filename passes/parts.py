@@ -16,15 +16,16 @@ from dataclasses import dataclass
 from autopar.errors import InfeasibleError
 from autopar.graph import CapturedGraph
 from autopar.vocab import shard_count
-from autopar.passes.ilp import evaluate, solve
+from autopar.passes.ilp import evaluate, minimum_memory, solve
 from autopar.passes.rules import tensor_args
 from autopar.passes.sharding import ShardingProblem
 from autopar.passes.strategies import Strategy
 
-LEANER = ((1.0, (0.3,)), (0.0, (0.5, 0.2)))
-"""(activation weight, budgets): a part is solved again under these memory budgets, as fractions
-of its unconstrained plan's, counting its activations at this weight (0: its parameter state only,
-what matters to a pipeline stage that keeps few of many microbatches)."""
+LEANER = ((1.0, (0.3,)), (0.0, (0.5, 0.0)))
+"""(activation weight, budgets): a part is solved again under these memory budgets, counting its
+activations at this weight (0: its parameter state only, what matters to a pipeline stage that
+keeps few of many microbatches). A budget is a fraction of the way from the least memory any plan
+needs (0: the leanest plan) to the unconstrained plan's (1), so every budget has a plan."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,9 +183,11 @@ class Parts:
         # leaner plans: in all the memory, then (a stage keeps a few microbatches of many) in state only
         for weight, fractions in LEANER:
             scoped.activation_weight = weight
-            top = evaluate(scoped, first.choice)[1]
+            top, least = evaluate(scoped, first.choice)[1], minimum_memory(scoped, allowed)
             for fraction in fractions:
-                scoped.budget = top * fraction
+                scoped.budget = least + fraction * (top - least) + 1e-9 * top
+                if scoped.budget >= top:
+                    break  # the fastest plan is already the leanest
                 try:
                     found.append(solve(scoped, time_limit=self.time_limit, allowed=allowed,
                                        warm_start=first.choice).choice)

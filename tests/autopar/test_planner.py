@@ -199,10 +199,10 @@ def test_cbc_solves_when_highs_fails(monkeypatch):
     cluster = Cluster.preset("h100", gpus_per_node=4)
     expected = plan_graph(graph, cluster)
 
-    def broken(self, lp, callback=None):
+    def broken(model, time_limit, warm):
         raise RuntimeError("HiGHS is not available")
 
-    monkeypatch.setattr(ilp._HiGHS, "actualSolve", broken)
+    monkeypatch.setattr(ilp, "_highs", broken)
     fallback = plan_graph(graph, cluster)
     assert fallback.search.solver == "CBC"
     assert fallback.cost.step_time == pytest.approx(expected.cost.step_time, rel=1e-9)
