@@ -6,7 +6,8 @@
 Steps, top to bottom:
 1. wrap `loss_fn(model(*inputs), target)` in a module, so the loss is part of the graph;
 2. `torch.export.export(..., strict=False)` traces it at ATen level on fake tensors (a model on
-   the meta device stays there, so GPT-3 175B is captured without allocating a byte);
+   the meta device stays there, so GPT-3 175B is captured without allocating a byte); for bf16 or
+   fp16, `passes.precision` inserts the mixed-precision casts;
 3. `passes.analyze` measures FLOPs, bytes moved and saved-for-backward bytes per node;
 4. `passes.layers` finds the repeated blocks.
 
@@ -35,6 +36,7 @@ from autopar.errors import CaptureError
 from autopar.graph import CapturedGraph, NodeInfo, ParamInfo, TensorMeta
 from autopar.passes.analyze import analyze
 from autopar.passes.layers import find_layers
+from autopar.passes.precision import low_precision
 
 logger = logging.getLogger(__name__)
 _MODEL = "model"  # attribute under which the user's model sits in the capture wrapper
@@ -59,8 +61,9 @@ class _Step(nn.Module):
 
 
 def capture(model: nn.Module, example_inputs: tuple, *, loss_fn: Callable | None = None,
-            target: Any = None) -> CapturedGraph:
-    """The model's step as a `CapturedGraph`; with `loss_fn`, the loss against `target` is included."""
+            target: Any = None, precision: str = "fp32") -> CapturedGraph:
+    """The model's step as a `CapturedGraph`; with `loss_fn`, the loss against `target` is included.
+    `precision` "bf16" or "fp16": rewritten for mixed precision (`passes.precision`) before costs."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: found {type(model).__name__}, required a torch.nn.Module")
     if not isinstance(example_inputs, tuple):
@@ -73,6 +76,7 @@ def capture(model: nn.Module, example_inputs: tuple, *, loss_fn: Callable | None
     if loss_fn is not None:
         args += (_on_device(target, device),)
     program = _export(_Step(model, loss_fn), args)
+    low_precision(program, precision)
 
     # Step 3: costs, then records with the user's names.
     params, grad_inputs, state_inputs = _params(program, model)
@@ -85,7 +89,7 @@ def capture(model: nn.Module, example_inputs: tuple, *, loss_fn: Callable | None
     output = next(n for n in program.graph.nodes if n.op == "output")
     outputs = tuple(a.name if isinstance(a, torch.fx.Node) else "" for a in pytree.tree_leaves(output.args))
     return CapturedGraph(program=program, nodes=nodes, params=params, inputs=user_inputs,
-                         has_loss=loss_fn is not None, layers=layers, outputs=outputs)
+                         has_loss=loss_fn is not None, layers=layers, outputs=outputs, precision=precision)
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -27,6 +27,7 @@ import torch.nn as nn
 from autopar.assemble import fingerprint
 from autopar.capture import capture
 from autopar.cluster import Cluster
+from autopar.cost.memory import normalize_precision
 from autopar.graph import CapturedGraph
 from autopar.plan import Plan
 from autopar.passes.rules import tensor_args
@@ -52,12 +53,16 @@ def compile(model: nn.Module, cluster: Cluster | None = None, *, example_inputs:
     """
     init_from_env(timeout)  # 1
     cluster = cluster or Cluster.local()
-    captured = capture(model, example_inputs, loss_fn=loss_fn, target=target)  # 2
+    precision = normalize_precision(plan.precision if plan is not None else precision)
+    captured = capture(model, example_inputs, loss_fn=loss_fn, target=target, precision=precision)  # 2
     if plan is None:  # 3
         plan = _plan_on_rank_zero(captured, cluster, type(model).__name__, strategy=strategy, precision=precision,
                                   memory_budget=memory_budget, time_limit=time_limit, pipeline=pipeline)
     _check(plan, captured)  # 4
     if len(plan.stages) > 1 or plan.schedule.kind != "none":
+        if plan.precision == "fp16":
+            raise ValueError("precision: found fp16 with pipeline stages, required bf16 or fp32 (dynamic loss "
+                             "scaling runs on single-stage plans)")
         return _compile_pipeline(model, captured, plan, example_inputs, loss_fn, target, optimizer, timeout)
     stage = plan.stages[0]
     world = World.create(stage.mesh, timeout)
@@ -118,7 +123,7 @@ def _compile_pipeline(model: nn.Module, captured: CapturedGraph, plan: Plan, exa
 
     m = plan.schedule.microbatches
     micro = capture(model, _first_microbatch(example_inputs, m), loss_fn=loss_fn,
-                    target=None if target is None else _first_microbatch(target, m))
+                    target=None if target is None else _first_microbatch(target, m), precision=captured.precision)
     if list(micro.nodes) != list(captured.nodes):
         raise ValueError(f"pipeline: the step captured at one microbatch of {m} has other ops than the whole "
                          f"batch's; required a model whose graph does not depend on the batch size")

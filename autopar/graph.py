@@ -111,6 +111,8 @@ class CapturedGraph:
     outputs: tuple[str, ...] = ()
     """The graph's outputs: with a loss, the loss first, then the model's output tensors."""
     warnings: tuple[str, ...] = field(default=())
+    precision: str = "fp32"
+    """The mixed-precision rewrite the graph carries (`passes.precision`): fp32 (none), bf16, fp16."""
 
     @property
     def reduced_outputs(self) -> tuple[str, ...]:

@@ -61,7 +61,7 @@ def plan(model: nn.Module, cluster: Cluster, *, example_inputs: tuple, loss_fn: 
     (default) never. A `PipelineSpec` fixes the pipeline by hand, Megatron-style: `strategy`'s plan
     for one stage's devices, cut into that many stages of equal layer counts (`passes.split`). Raises `InfeasibleError` when nothing fits, with the memory needed and available.
     """
-    captured = capture(model, example_inputs, loss_fn=loss_fn, target=target)
+    captured = capture(model, example_inputs, loss_fn=loss_fn, target=target, precision=normalize_precision(precision))
     return plan_graph(captured, cluster, model_name=type(model).__name__, strategy=strategy, precision=precision,
                       optimizer=optimizer, memory_budget=memory_budget, time_limit=time_limit,
                       zero_levels=zero_levels, pipeline=pipeline)
@@ -84,6 +84,9 @@ def plan_graph(captured: CapturedGraph, cluster: Cluster, *, model_name: str = "
     if pipeline and strategy != "auto":
         raise ValueError(f"pipeline: found strategy {strategy!r} with pipeline stages, required strategy 'auto' "
                          f"(the named strategies are single-stage families)")
+    if captured.precision not in ("fp32", normalize_precision(precision)):
+        raise ValueError(f"precision: found {precision!r} for a graph captured with the {captured.precision} "
+                         f"rewrite, required {captured.precision!r} (or a graph captured in fp32)")
     options = ShardingOptions(precision=normalize_precision(precision), optimizer=optimizer,
                               memory_budget=memory_budget, levels=tuple(zero_levels))
     start = time.perf_counter()

@@ -78,7 +78,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     cluster = autopar.Cluster.preset("cpu", gpus_per_node=world)
     with _reused_captures(json.dumps([case["model"], case.get("overrides", {}), case["dtype"]])):
         compiled = autopar.compile(model, cluster, example_inputs=inputs, loss_fn=entry.loss_fn, target=target,
-                                   optimizer=_optimizer(case), plan=plan,
+                                   optimizer=_optimizer(case), plan=plan, precision=case.get("precision", "fp32"),
                                    strategy=case["strategy"], timeout=case["timeout"])
     try:
         losses = []
@@ -88,10 +88,19 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
             if crash and crash["rank"] == rank and crash["step"] == step:
                 os._exit(17)
             inputs, target = _batch(entry, case, step)
+            overflow = case.get("overflow")  # {"rank": r, "step": k}: that rank's gradients turn inf in step k
+            if overflow and overflow["rank"] == rank and overflow["step"] == step:
+                leaf = compiled.optimizer_leaves()[0]
+                handle = leaf.register_hook(lambda g: torch.full_like(g, float("inf")))
             losses.append(compiled.step(*inputs, target=target).item())
+            if overflow and overflow["rank"] == rank and overflow["step"] == step:
+                handle.remove()
         state = compiled.state_dict()
-        return {"losses": losses, "state": {k: v.tolist() for k, v in state.items()},
-                "strategy": compiled.plan.strategy, "mesh": list(compiled.plan.stages[0].mesh.shape)}
+        result = {"losses": losses, "state": {k: v.tolist() for k, v in state.items()},
+                  "strategy": compiled.plan.strategy, "mesh": list(compiled.plan.stages[0].mesh.shape)}
+        if getattr(compiled, "scaler", None) is not None:
+            result["scaler"] = compiled.scaler.state_dict()
+        return result
     finally:
         compiled.close()
 
@@ -109,7 +118,8 @@ def _reused_captures(model_key: str):
 
     def capture(model, example_inputs, **kwargs):
         leaves = torch.utils._pytree.tree_leaves((example_inputs, kwargs.get("target")))
-        key = (model_key, tuple((tuple(x.shape), str(x.dtype)) for x in leaves if isinstance(x, torch.Tensor)))
+        key = (model_key, kwargs.get("precision", "fp32"),
+               tuple((tuple(x.shape), str(x.dtype)) for x in leaves if isinstance(x, torch.Tensor)))
         if key not in _CAPTURES:
             _CAPTURES[key] = original(model, example_inputs, **kwargs)
         return _CAPTURES[key]

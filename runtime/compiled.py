@@ -21,6 +21,7 @@ from autopar.graph import CapturedGraph
 from autopar.plan import Plan
 from autopar.runtime.collectives import transform
 from autopar.runtime.params import Holder, regather
+from autopar.runtime.scaler import LossScaler
 from autopar.runtime.sync import GradientSync, bucketed
 from autopar.runtime.world import World
 
@@ -38,8 +39,13 @@ class CompiledModel:
         self.sync = GradientSync([h for h in order if bucketed(h)], world) if world.size > 1 else None
         self._inputs = [captured.program.graph.find_nodes(op="placeholder", target=n)[0].meta["val"]
                         for n, _ in layout.inputs]
+        self.scaler = LossScaler() if plan.precision == "fp16" else None
+        """fp16: dynamic loss scaling (`runtime.scaler`); bf16 has fp32's range and needs none."""
 
     # -- running ----------------------------------------------------------------------------------
+
+    def optimizer_leaves(self) -> list[torch.Tensor]:
+        return [leaf for group in self.optimizer.param_groups for leaf in group["params"]]
 
     def parameters(self) -> list[nn.Parameter]:
         """This rank's parameter leaves (what the optimizer updates)."""
@@ -91,11 +97,16 @@ class CompiledModel:
         if self.sync is not None:
             self.sync.start()
         try:
-            loss.backward(torch.full_like(loss, scale))
+            loss.backward(torch.full_like(loss, scale * (self.scaler.scale if self.scaler else 1.0)))
         except RuntimeError as e:
             raise self.world.failure("running the backward pass", e) from e
         if self.sync is not None:
             self.sync.finish()
+        if self.scaler is not None:
+            finite = self.scaler.unscale(self.optimizer_leaves(), self.world.device)
+            self.scaler.update(finite)
+            if not finite:  # every rank skips: the gradients overflowed somewhere
+                return value.wait()
         self.optimizer.step()
         for holder in self.holders.values():
             if holder.group is None:
