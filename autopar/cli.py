@@ -96,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
 
     return launch(nproc=args.nproc, model=args.model, script=args.script, script_args=args.script_args,
                   steps=args.steps, strategy=args.strategy, batch_size=args.batch_size, lr=args.lr,
-                  timeout=args.timeout, plan=args.plan, pipeline=pipeline_argv(args))
+                  timeout=args.timeout, plan=args.plan, pipeline=pipeline_argv(args), precision=args.precision)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds a collective waits for a missing rank (default: %(default)s)")
     p.add_argument("--plan", default=None, help="a plan file (JSON, from `autopar plan --out`) to run")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="mixed precision: matmuls in bf16/fp16, norms, softmax and losses in fp32, fp32 master "
+                        "weights; fp16 adds dynamic loss scaling (default: %(default)s)")
     pipeline_args(p)
     p.set_defaults(run=_run)
 

@@ -24,7 +24,7 @@ def torchrun_command(nproc: int, target: list[str]) -> list[str]:
 
 def launch(*, nproc: int, model: str | None, script: str | None, script_args: list[str], steps: int,
            strategy: str, batch_size: int, lr: float, timeout: float, plan: str | None = None,
-           pipeline: list[str] | None = None) -> int:
+           pipeline: list[str] | None = None, precision: str = "fp32") -> int:
     """Run torchrun and return its exit code."""
     if (model is None) == (script is None):
         raise ValueError("autopar run: found " + ("both --model and a script" if model else "neither --model nor a "
@@ -38,7 +38,8 @@ def launch(*, nproc: int, model: str | None, script: str | None, script_args: li
     else:
         target = ["-m", "autopar.runtime.launch", *(["--plan", plan] if plan else []), *(pipeline or []),
                   "--model", model, "--steps", str(steps), "--strategy", strategy,
-                  "--batch-size", str(batch_size), "--lr", str(lr), "--timeout", str(timeout)]
+                  "--batch-size", str(batch_size), "--lr", str(lr), "--timeout", str(timeout),
+                  "--precision", precision]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.run(torchrun_command(nproc, target), env=env).returncode
 
@@ -69,7 +70,7 @@ def pipeline_argv(args: argparse.Namespace) -> list[str]:
 
 
 def train(model: str, *, steps: int, strategy: str, batch_size: int, lr: float, timeout: float,
-          plan: str | None = None, pipeline=False) -> None:
+          plan: str | None = None, pipeline=False, precision: str = "fp32") -> None:
     """One rank of `autopar run --model`: compile, train on synthetic batches, report on rank 0."""
     import torch
     import torch.distributed as dist
@@ -83,7 +84,8 @@ def train(model: str, *, steps: int, strategy: str, batch_size: int, lr: float, 
     inputs, target = entry.example_batch(batch_size, seed=0)
     compiled = autopar.compile(net, cluster, example_inputs=inputs, loss_fn=entry.loss_fn, target=target,
                                optimizer=lambda ps: torch.optim.AdamW(ps, lr=lr), strategy=strategy, timeout=timeout,
-                               plan=autopar.Plan.load(plan) if plan else None, pipeline=pipeline)
+                               plan=autopar.Plan.load(plan) if plan else None, pipeline=pipeline,
+                               precision=precision)
     rank = dist.get_rank() if dist.is_initialized() else 0
     plan = compiled.plan
     if rank == 0:
@@ -116,10 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--plan", default=None)
+    parser.add_argument("--precision", default="fp32")
     pipeline_args(parser)
     args = parser.parse_args(argv)
     train(args.model, steps=args.steps, strategy=args.strategy, batch_size=args.batch_size, lr=args.lr,
-          timeout=args.timeout, plan=args.plan, pipeline=pipeline_spec(args))
+          timeout=args.timeout, plan=args.plan, pipeline=pipeline_spec(args), precision=args.precision)
     return 0
 
 
