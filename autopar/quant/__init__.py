@@ -13,9 +13,17 @@ from autopar.quant.multilevel import (MultiLevelTensor, ScaleLevel, multilevel_b
                                       quantize_multilevel, quantize_two_level)
 from autopar.quant.observers import CalibrationObserver, MinMaxObserver, MovingAverageObserver
 from autopar.quant.packing import pack_bits, packed_nbytes, unpack_bits
+from autopar.quant.modules import (SCHEMES, QuantizedLinear, Scheme, bits_per_weight, get_scheme,
+                                   quantize_model, quantized_bytes, replaced_linears)
+from autopar.quant.bits import (BitPlan, LayerSensitivity, assign_bits, hessian_trace, layer_bytes,
+                               plan_bits, quantization_error, sensitivity)
 
 __all__ = ["MAX_INNER", "CalibrationObserver", "KMeansTensor", "MinMaxObserver", "MovingAverageObserver",
            "MultiLevelTensor", "QuantizedTensor", "ScaleLevel", "int8_matmul", "int_matmul", "integer_range",
            "kmeans_quantize", "linear_qparams", "multilevel_bits_per_element", "outlier_columns", "pack_bits",
            "packed_nbytes", "quantize", "quantize_multilevel", "quantize_two_level", "unpack_bits",
-           "vectorwise_int8_matmul"]
+           "vectorwise_int8_matmul",
+           "BitPlan", "LayerSensitivity", "assign_bits", "hessian_trace", "layer_bytes", "plan_bits",
+           "quantization_error", "sensitivity",
+           "SCHEMES", "QuantizedLinear", "Scheme", "bits_per_weight", "get_scheme", "quantize_model",
+           "quantized_bytes", "replaced_linears"]
