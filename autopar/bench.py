@@ -9,7 +9,7 @@ planner: wall time of `autopar.plan` on large models and simulated clusters, wit
 and the predicted step time and MFU of the plan found.
 pipeline: the `auto` plan with pipeline stages (`autopar.plan(..., pipeline=True)`) against the best
 configuration of the Megatron-LM grid (`passes.grid`), both under the same cost model, and the
-search's wall time.
+search's wall time; mixed precision (fp32 master weights, the graph rewritten by `passes.precision`).
 """
 
 from __future__ import annotations
@@ -184,11 +184,10 @@ def pipeline_benchmark(cases=PIPELINE_CASES) -> list[PipelineRow]:
     rows = []
     for case in cases:
         entry = models.get(case.model)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[case.precision]
         start = time.perf_counter()
-        model = entry.build(device="meta", dtype=dtype)
+        model = entry.build(device="meta")  # fp32 master weights; the graph runs `case.precision`
         inputs, target = entry.example_batch(case.batch, device="meta")
-        graph = capture(model, inputs, loss_fn=entry.loss_fn, target=target)
+        graph = capture(model, inputs, loss_fn=entry.loss_fn, target=target, precision=case.precision)
         cluster = Cluster.preset(case.preset, nodes=case.nodes)
         try:
             plan = plan_graph(graph, cluster, model_name=case.model, precision=case.precision, pipeline=True)

@@ -116,6 +116,15 @@ def _bench(args: argparse.Namespace) -> int:
         table = bench_runtime.runtime_table(results)
         print(f"median seconds per training step (AdamW), {args.rounds} rounds of {args.steps} steps, "
               f"local gloo ranks; {bench.machine()}\n\n{table}")
+    elif args.suite == "quant":
+        from autopar import bench_quant
+
+        accuracy = bench_quant.accuracy_table(bench_quant.accuracy_benchmark())
+        speed = bench_quant.speed_table(bench_quant.speed_benchmark())
+        table = f"{accuracy}\n\n{speed}"
+        print(f"held-out perplexity of a byte-level GPT trained on the standard library's source, then the "
+              f"linear layers quantized; linear-layer speed, median of interleaved rounds; {bench.machine()}"
+              f"\n\n{table}")
     else:
         rows = bench.capture_benchmark(args.models, batch_size=args.batch_size)
         table = bench.capture_table(rows)
@@ -209,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "configuration, 8 to 1024 GPUs. "
                                    "`runtime`: step times of autopar's dp, fsdp and auto plans against "
                                    "DistributedDataParallel and FSDP2 on local gloo ranks.")
-    p.add_argument("suite", choices=["capture", "planner", "pipeline", "runtime"], help="which benchmark")
+    p.add_argument("suite", choices=["capture", "planner", "pipeline", "runtime", "quant"], help="which benchmark")
     p.add_argument("--models", nargs="+", default=["gpt3-175b"], help="zoo models (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1, help="samples per step (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=5, help="runtime: rounds, variants taking turns (default: %(default)s)")

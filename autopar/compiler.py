@@ -16,6 +16,7 @@ Steps, top to bottom:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -44,7 +45,8 @@ _KEYS = itertools.count()
 def compile(model: nn.Module, cluster: Cluster | None = None, *, example_inputs: tuple, loss_fn: Callable | None = None,
             target: Any = None, optimizer: Callable | None = None, plan: Plan | None = None,
             strategy: str = "auto", precision: str = "fp32", memory_budget: float | None = None,
-            time_limit: float = 60.0, timeout: float = DEFAULT_TIMEOUT, pipeline=False):
+            time_limit: float = 60.0, timeout: float = DEFAULT_TIMEOUT, pipeline=False, quantize=None,
+            quantize_budget: float | None = None):
     """A `CompiledModel` running `plan` (planned here when None) on the current torch.distributed world.
 
     `optimizer`: a factory taking this rank's parameter leaves. `timeout`: seconds a collective may
@@ -54,10 +56,24 @@ def compile(model: nn.Module, cluster: Cluster | None = None, *, example_inputs:
     init_from_env(timeout)  # 1
     cluster = cluster or Cluster.local()
     precision = normalize_precision(plan.precision if plan is not None else precision)
+    layers = {}
+    if plan is not None and plan.quantized:
+        from autopar.quant.modules import quantize_model
+
+        model = quantize_model(model, plan.quantized)  # the graph the plan was made for
+    elif quantize is not None:
+        from autopar.quant.apply import layer_schemes
+        from autopar.quant.modules import quantize_model
+
+        layers = layer_schemes(model, quantize, budget=quantize_budget, loss_fn=loss_fn,
+                               batches=[(example_inputs, target)] if loss_fn is not None else None)
+        model = quantize_model(model, layers) if layers else model
     captured = capture(model, example_inputs, loss_fn=loss_fn, target=target, precision=precision)  # 2
     if plan is None:  # 3
         plan = _plan_on_rank_zero(captured, cluster, type(model).__name__, strategy=strategy, precision=precision,
                                   memory_budget=memory_budget, time_limit=time_limit, pipeline=pipeline)
+        if quantize is not None and layers:
+            plan = dataclasses.replace(plan, quantized=layers)
     _check(plan, captured)  # 4
     if len(plan.stages) > 1 or plan.schedule.kind != "none":
         if plan.precision == "fp16":

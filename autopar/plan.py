@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch.distributed.tensor.placement_types import Placement
@@ -154,6 +154,8 @@ class Plan:
     search: SearchReport
     baselines: tuple[Comparison, ...] = ()
     warnings: tuple[str, ...] = ()
+    quantized: dict[str, str] = field(default_factory=dict)
+    """Linear layer → quantization scheme (`autopar.quant.modules`) the graph was captured with."""
     format: int = FORMAT
 
     def __post_init__(self) -> None:

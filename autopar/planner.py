@@ -48,7 +48,8 @@ PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero-bubble")
 def plan(model: nn.Module, cluster: Cluster, *, example_inputs: tuple, loss_fn: Callable | None = None,
          target: Any = None, strategy: str = "auto", precision: str = "fp32", optimizer: str = "adamw",
          memory_budget: float | None = None, time_limit: float = 60.0,
-         zero_levels: tuple[int, ...] = (0, 1, 2, 3), pipeline: bool | None | PipelineSpec = False) -> Plan:
+         zero_levels: tuple[int, ...] = (0, 1, 2, 3), pipeline: bool | None | PipelineSpec = False,
+         quantize: str | dict[str, str] | None = None, quantize_budget: float | None = None) -> Plan:
     """The fastest plan for one training step of `model` on `cluster` that fits in memory.
 
     `strategy`: "auto" searches everything; "dp", "zero1", "zero2", "fsdp", "tp", "dp+tp", "sp" give
@@ -59,12 +60,25 @@ def plan(model: nn.Module, cluster: Cluster, *, example_inputs: tuple, loss_fn: 
     would change what it computes. `pipeline`: True also searches pipeline stages (`passes.interop`)
     and keeps them when faster; None searches them only when no single-stage plan fits; False
     (default) never. A `PipelineSpec` fixes the pipeline by hand, Megatron-style: `strategy`'s plan
-    for one stage's devices, cut into that many stages of equal layer counts (`passes.split`). Raises `InfeasibleError` when nothing fits, with the memory needed and available.
+    for one stage's devices, cut into that many stages of equal layer counts (`passes.split`).
+    `quantize`: a scheme for the linear layers ("int8", "int4", "int4-g128", "int4-g32", "kmeans4",
+    "w8a8", "llm.int8"), a dict layer → scheme, or "auto" with `quantize_budget` bytes for their
+    weights (`autopar.quant.apply`); the plan holds the smaller weights. Raises `InfeasibleError`
+    when nothing fits, with the memory needed and available.
     """
+    from autopar.quant.apply import layer_schemes
+    from autopar.quant.modules import quantize_model
+
+    layers = layer_schemes(model, quantize, budget=quantize_budget, loss_fn=loss_fn,
+                           batches=[(example_inputs, target)] if loss_fn is not None else None)
+    name = type(model).__name__
+    if layers:
+        model = quantize_model(model, layers)
     captured = capture(model, example_inputs, loss_fn=loss_fn, target=target, precision=normalize_precision(precision))
-    return plan_graph(captured, cluster, model_name=type(model).__name__, strategy=strategy, precision=precision,
-                      optimizer=optimizer, memory_budget=memory_budget, time_limit=time_limit,
-                      zero_levels=zero_levels, pipeline=pipeline)
+    found = plan_graph(captured, cluster, model_name=name, strategy=strategy, precision=precision,
+                       optimizer=optimizer, memory_budget=memory_budget, time_limit=time_limit,
+                       zero_levels=zero_levels, pipeline=pipeline)
+    return dataclasses.replace(found, quantized=layers) if layers else found
 
 
 def plan_graph(captured: CapturedGraph, cluster: Cluster, *, model_name: str = "model", strategy: str = "auto",

@@ -48,7 +48,11 @@ def reference(case: dict[str, Any]) -> dict[str, Any]:
     case = {**DEFAULTS, **case}
     entry = models.get(case["model"])
     model = entry.build(seed=case["seed"], dtype=getattr(torch, case["dtype"]), **case.get("overrides", {}))
-    optimizer = _optimizer(case)(list(model.parameters()))
+    if case.get("quantize"):
+        from autopar.quant.modules import quantize_model
+
+        model = quantize_model(model, case["quantize"])
+    optimizer = _optimizer(case)(list(p for p in model.parameters() if p.requires_grad) or [torch.zeros(1)])
     losses = []
     for step in range(case["steps"]):
         inputs, target = _batch(entry, case, step)
@@ -76,9 +80,11 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     plan = autopar.Plan.from_json(case["plan"]) if case.get("plan") else None
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     cluster = autopar.Cluster.preset("cpu", gpus_per_node=world)
-    with _reused_captures(json.dumps([case["model"], case.get("overrides", {}), case["dtype"]])):
+    with _reused_captures(json.dumps([case["model"], case.get("overrides", {}), case["dtype"],
+                                      case.get("quantize")])):
         compiled = autopar.compile(model, cluster, example_inputs=inputs, loss_fn=entry.loss_fn, target=target,
                                    optimizer=_optimizer(case), plan=plan, precision=case.get("precision", "fp32"),
+                                   quantize=case.get("quantize"),
                                    strategy=case["strategy"], timeout=case["timeout"])
     try:
         losses = []

@@ -7,6 +7,7 @@ on the meta device. With W the weight (out, in) and x the activations (tokens, i
 
     scheme      weight                                      activations                   bits per weight
     int8        int8, symmetric, one fp32 scale per output  float: dequantize, matmul     8 + 32/in
+    int4        int4, symmetric, one fp32 scale per output  float                         4 + 32/in
     int4-g128   int4, symmetric, one fp16 scale per 128     float                         4 + 16/128
     int4-g32    int4, as above, groups of 32 inputs         float                         4 + 16/32
     kmeans4     4-bit index into a 16-centroid codebook     float                         4 + 16·b/(out·in)
@@ -16,7 +17,7 @@ on the meta device. With W the weight (out, in) and x the activations (tokens, i
 Weight-only formats (seed 000; groups of 128 input features are the int4-g128 layout of weight-only
 LLM quantizers) compute in the input's dtype. w8a8 multiplies integers exactly, as seed 004's
 vector-wise int8, y = (s_x s_wᵀ) ⊙ (q_x q_wᵀ), and llm.int8 adds the outlier decomposition of
-Dettmers et al. (2022) through `int8_matmul`. b is the bits of the codebook's dtype (32 for fp32).
+Dettmers et al. (2022) with masks, so that graphs keep static shapes. b is the bits of the codebook's dtype (32 for fp32).
 
     >>> q = quantize_model(model, "int4-g128")            # a copy; `model` is unchanged
     >>> quantized_bytes(model_on_meta, "int4-g128")       # the same layers' bytes, nothing built
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autopar.quant.int8 import int8_matmul, int_matmul
+from autopar.quant.int8 import int_matmul
 from autopar.quant.kmeans import kmeans_quantize
 from autopar.quant.linear import quantize
 
@@ -81,6 +82,7 @@ class Scheme:
 
 _SCHEMES = {s.name: s for s in (
     Scheme(name="int8", codebook=False, bits=8, group_size=None, scale_dtype=torch.float32, matmul="dequantize"),
+    Scheme(name="int4", codebook=False, bits=4, group_size=None, scale_dtype=torch.float32, matmul="dequantize"),
     Scheme(name="int4-g128", codebook=False, bits=4, group_size=128, scale_dtype=torch.float16, matmul="dequantize"),
     Scheme(name="int4-g32", codebook=False, bits=4, group_size=32, scale_dtype=torch.float16, matmul="dequantize"),
     Scheme(name="kmeans4", codebook=True, bits=4, group_size=None, scale_dtype=torch.float32, matmul="dequantize"),
@@ -119,7 +121,7 @@ class QuantizedLinear(nn.Module):
     Buffers (all in `state_dict`): `qweight`, int8 (out, in) for int8 and llm.int8, int8 (in, out)
     for w8a8 (the layout `int_matmul` takes, so nothing is copied per call), uint8 (out, in/2) of
     two 4-bit values per byte for int4 and kmeans4; `scale`, (out,) per channel or (out, in/group)
-    per group; `codebook`, (16,), for kmeans4. The bias stays a float parameter.
+    per group; `codebook`, (16,), for kmeans4; `bias`, float, frozen like the weight.
     """
 
     def __init__(self, in_features: int, out_features: int, scheme: str, *, qweight: torch.Tensor,
@@ -130,21 +132,20 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
         self.register_buffer("codebook", codebook)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.register_buffer("bias", bias)  # frozen with the weight: a buffer, as the weight's integers are
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: str) -> QuantizedLinear:
-        """Quantize `linear.weight` under `scheme`; the bias is copied."""
+        """Quantize `linear.weight` under `scheme`; the bias is copied (a buffer: the layer is frozen)."""
         spec = get_scheme(scheme)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: found {type(linear).__name__}, required torch.nn.Linear")
-        if linear.weight.device.type == "meta":
-            raise ValueError("linear: found its weight on the meta device, required values to quantize "
-                             "(`quantized_bytes` gives the sizes from a model on meta)")
         spec.check(linear.in_features)
         w = linear.weight.detach()
         out_features, in_features = w.shape
         scale = codebook = None
+        if w.is_meta:  # shapes and dtypes only, for planning a model that was never allocated
+            return cls._on_meta(linear, spec)
         if spec.codebook:
             q = kmeans_quantize(w, spec.bits)
             qweight, codebook = q.data.reshape(out_features, -1), q.codebook
@@ -157,6 +158,23 @@ class QuantizedLinear(nn.Module):
                 qweight = qweight.t().contiguous()                                 # (in, out)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(in_features, out_features, scheme, qweight=qweight, scale=scale, codebook=codebook, bias=bias)
+
+    @classmethod
+    def _on_meta(cls, linear: nn.Linear, spec: Scheme) -> QuantizedLinear:
+        out_features, in_features = linear.weight.shape
+        meta = {"device": "meta"}
+        packed = (out_features, in_features * spec.bits // 8)
+        if spec.matmul == "w8a8":
+            packed = (in_features, out_features)
+        qweight = torch.empty(packed, dtype=torch.uint8 if spec.bits < 8 else torch.int8, **meta)
+        scale = codebook = None
+        if spec.codebook:
+            codebook = torch.empty(2 ** spec.bits, dtype=linear.weight.dtype, **meta)
+        else:
+            groups = in_features // spec.group_size if spec.group_size else None
+            scale = torch.empty((out_features, groups) if groups else (out_features,), dtype=spec.scale_dtype, **meta)
+        bias = None if linear.bias is None else torch.empty_like(linear.bias, device="meta")
+        return cls(in_features, out_features, spec.name, qweight=qweight, scale=scale, codebook=codebook, bias=bias)
 
     def int_weight(self, rows: slice = slice(None)) -> torch.Tensor:
         """The integers (or codebook indices) of output channels `rows` as int8, (rows, in)."""
@@ -179,8 +197,7 @@ class QuantizedLinear(nn.Module):
         if self.scheme.matmul == "w8a8":
             y = self._w8a8(x)
         elif self.scheme.matmul == "llm.int8":
-            weight = self.dequantize_weight(torch.promote_types(x.dtype, torch.float32))
-            y = int8_matmul(x, weight, threshold=LLM_INT8_THRESHOLD)
+            y = self._llm_int8(x)
         else:
             block = max(1, DEQUANTIZE_BLOCK // self.in_features)
             parts = [self._weight_only(x, slice(i, i + block)) for i in range(0, self.out_features, block)]
@@ -189,10 +206,23 @@ class QuantizedLinear(nn.Module):
 
     def _weight_only(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
         """x Ŵ[rows]ᵀ, dequantizing in x's dtype."""
-        if self.scheme.group_size is None and not self.scheme.codebook:
+        if self.scheme.group_size is None and not self.scheme.codebook and self.scheme.bits == 8:
             # A per-channel scale commutes with the matmul: x (S q)ᵀ = (x qᵀ) S, rows scalings, not rows·in.
             return F.linear(x, self.qweight[rows].to(x.dtype)) * self.scale[rows].to(x.dtype)
         return F.linear(x, self.dequantize_weight(x.dtype, rows))
+
+    def _llm_int8(self, x: torch.Tensor) -> torch.Tensor:
+        """LLM.int8() with masks instead of column selection, so the graph's shapes do not depend on
+        the values (it captures and plans like any other): the outlier features (|x| > 6 in some
+        token) multiply the dequantized weight in float, the rest go through the int8 product of
+        `_w8a8`; the two sum to `int8_matmul`'s decomposition with the stored int8 weight."""
+        rows = x.reshape(-1, self.in_features)
+        mask = (rows.abs() > LLM_INT8_THRESHOLD).any(dim=0).to(rows.dtype)             # (in,) 1 = outlier
+        wide = torch.promote_types(x.dtype, torch.float32)
+        outliers = F.linear((rows * mask).to(wide), self.dequantize_weight(wide))
+        q_x, s_x = _quantize_per_token(rows * (1 - mask))
+        regular = int_matmul(q_x, self.qweight.t()).float() * s_x * self.scale[None, :]
+        return (outliers + regular).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
         q_x, s_x = _quantize_per_token(x.reshape(-1, self.in_features))             # (tokens, in), (tokens, 1)
@@ -226,18 +256,33 @@ def replaced_linears(model: nn.Module, *, skip: tuple[str, ...] = DEFAULT_SKIP) 
             if type(m) is nn.Linear and not _skipped(name, skip) and owners[id(m.weight)] == 1]
 
 
-def quantize_model(model: nn.Module, scheme: str, *, skip: tuple[str, ...] = DEFAULT_SKIP) -> nn.Module:
+def quantize_model(model: nn.Module, scheme: str | dict[str, str], *,
+                   skip: tuple[str, ...] = DEFAULT_SKIP) -> nn.Module:
     """A copy of `model` with each Linear of `replaced_linears` a `QuantizedLinear`; `model` is unchanged.
+    `scheme`: one name for every layer, or a dict layer → name ("none" or absent keeps it float).
 
         >>> q = quantize_model(gpt, "int8")
         >>> q.layers[0].ffn.fc1
         QuantizedLinear(in_features=32, out_features=128, scheme='int8', bias=True, weight_bytes=4608)
     """
-    get_scheme(scheme)
+    layers = dict(replaced_linears(model, skip=skip))
+    if isinstance(scheme, dict):  # one scheme per layer ("none" keeps it float), e.g. from `assign_bits`
+        unknown = sorted(set(scheme) - set(layers))
+        if unknown:
+            raise ValueError(f"layers: found {unknown}, required names of replaceable Linear layers "
+                             f"({', '.join(sorted(layers)) or 'none'})")
+        for s in scheme.values():
+            if s != "none":
+                get_scheme(s)
+    else:
+        get_scheme(scheme)
     quantized = copy.deepcopy(model)
     for name, linear in replaced_linears(quantized, skip=skip):
+        chosen = scheme.get(name, "none") if isinstance(scheme, dict) else scheme
+        if chosen == "none":
+            continue
         try:
-            replacement = QuantizedLinear.from_linear(linear, scheme)
+            replacement = QuantizedLinear.from_linear(linear, chosen)
         except ValueError as e:
             raise ValueError(f"Linear {name!r} ({linear.in_features} -> {linear.out_features}): {e}") from e
         parent, _, attr = name.rpartition(".")
@@ -245,12 +290,16 @@ def quantize_model(model: nn.Module, scheme: str, *, skip: tuple[str, ...] = DEF
     return quantized
 
 
-def quantized_bytes(model: nn.Module, scheme: str, *, skip: tuple[str, ...] = DEFAULT_SKIP) -> int:
-    """Bytes that the weights `quantize_model` replaces take under `scheme`, from shapes alone (the
-    model may be on meta): the sum of the `weight_bytes` of the QuantizedLinears it would build."""
-    spec = get_scheme(scheme)
+def quantized_bytes(model: nn.Module, scheme: str | dict[str, str], *, skip: tuple[str, ...] = DEFAULT_SKIP) -> int:
+    """Bytes that the weights `quantize_model` replaces take under `scheme` (one name, or a dict
+    layer → name, "none" or absent counted as nothing), from shapes alone (the model may be on meta):
+    the sum of the `weight_bytes` of the QuantizedLinears it would build."""
     total = 0
     for name, linear in replaced_linears(model, skip=skip):
+        chosen = scheme.get(name, "none") if isinstance(scheme, dict) else scheme
+        if chosen == "none":
+            continue
+        spec = get_scheme(chosen)
         try:
             total += spec.weight_bytes(linear.out_features, linear.in_features, linear.weight.dtype)
         except ValueError as e:
