@@ -14,14 +14,14 @@ The lists follow PyTorch's CUDA autocast (torch.amp, "CUDA Ops that can autocast
 "CUDA Ops that can autocast to float32"), restricted to the ops a captured graph holds. The weights
 stay fp32 parameters (the master copy the optimizer updates); the graph casts them to 16 bits where
 a matmul reads them, and autograd casts their gradients back. A cast is inserted once per (value,
-dtype) and shared by every op that reads it. After the rewrite the fake values of every node are
-propagated again, so shapes, dtypes and byte counts downstream are those of the new graph.
+dtype) and shared by every op that reads it. The rewrite walks the graph once, in order, and runs
+every node whose inputs changed again on fake tensors, so the dtypes it sees (and the shapes, dtypes
+and byte counts that costs see later) are those of the new graph.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 aten = torch.ops.aten
 
@@ -58,20 +58,39 @@ def low_precision(program: torch.export.ExportedProgram, precision: str) -> int:
     low = DTYPES[precision]
     graph = program.graph
     casts: dict[tuple[str, torch.dtype], torch.fx.Node] = {}
-    while True:  # a pass sees the dtypes the previous one left; stop when one inserts nothing
-        before = len(casts)
-        for node in list(graph.nodes):
-            if node.op != "call_function":
-                continue
-            packet = getattr(node.target, "overloadpacket", None)
-            target = low if packet in LOW else torch.float32 if packet in FP32 else None
-            if target is None:
-                continue
+    changed: set[str] = set()  # nodes whose value (dtype) differs from the traced one
+    inserted: set[str] = set()
+    mode = next(v.fake_mode for n in graph.nodes if n.op == "placeholder"
+                for v in [n.meta.get("val")] if _has_fake_mode(v))
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        packet = getattr(node.target, "overloadpacket", None)
+        target = low if packet in LOW else torch.float32 if packet in FP32 else None
+        if target is not None:
             node.args = _map_tensors(node.args, lambda arg: _cast(graph, casts, arg, node, target))
             node.kwargs = _map_tensors(node.kwargs, lambda arg: _cast(graph, casts, arg, node, target))
-        if len(casts) == before:
-            return len(casts)
-        _propagate(program)
+            inserted = {c.name for c in casts.values()}
+        if any(a.name in changed or a.name in inserted for a in node.all_input_nodes):
+            before = node.meta.get("val")
+            node.meta["val"] = _run_fake(node, mode)
+            if _dtypes(node.meta["val"]) != _dtypes(before):
+                changed.add(node.name)
+    program.graph_module.recompile()
+    return len(casts)
+
+
+def _run_fake(node: torch.fx.Node, mode):
+    """The node's value again, from its inputs' (fake) values."""
+    value = lambda a: a.meta["val"] if isinstance(a, torch.fx.Node) else a  # noqa: E731
+    args = torch.fx.node.map_aggregate(node.args, value)
+    kwargs = torch.fx.node.map_aggregate(node.kwargs, value)
+    with mode:
+        return node.target(*args, **kwargs)
+
+
+def _dtypes(value) -> tuple:
+    return tuple(getattr(v, "dtype", None) for v in torch.utils._pytree.tree_leaves(value))
 
 
 def _map_tensors(value, fn):
@@ -115,12 +134,3 @@ def _has_fake_mode(val: torch.Tensor) -> bool:
 def _fake_cast(val: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     with val.fake_mode:
         return val.to(dtype)
-
-
-def _propagate(program: torch.export.ExportedProgram) -> None:
-    """Every node's fake value again, from the placeholders' (the rewrite changed dtypes downstream)."""
-    gm = program.graph_module
-    gm.recompile()
-    inputs = [n.meta["val"] for n in program.graph.nodes if n.op == "placeholder"]
-    mode = next(v.fake_mode for v in inputs if _has_fake_mode(v))
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
