@@ -48,17 +48,10 @@ def _require_observed(count: int) -> None:
         raise ValueError("observer: found 0 observed batches, required at least 1 before asking for a range")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class MinMaxObserver:
-    """The smallest and largest value of every batch observed."""
+class _RunningRange:
+    """`range` and `qparams` of an observer that keeps rmin, rmax and count as it goes."""
 
-    rmin: float = math.inf
-    rmax: float = -math.inf
-    count: int = 0
-
-    def observe(self, x: torch.Tensor) -> MinMaxObserver:
-        lo, hi = _extremes(x)
-        return replace(self, rmin=min(self.rmin, lo), rmax=max(self.rmax, hi), count=self.count + 1)
+    __slots__ = ()
 
     def range(self) -> tuple[float, float]:
         _require_observed(self.count)
@@ -70,7 +63,21 @@ class MinMaxObserver:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class MovingAverageObserver:
+class MinMaxObserver(_RunningRange):
+    """The smallest and largest value of every batch observed."""
+
+    rmin: float = math.inf
+    rmax: float = -math.inf
+    count: int = 0
+
+    def observe(self, x: torch.Tensor) -> MinMaxObserver:
+        lo, hi = _extremes(x)
+        return replace(self, rmin=min(self.rmin, lo), rmax=max(self.rmax, hi), count=self.count + 1)
+
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MovingAverageObserver(_RunningRange):
     """r̂(t) = α · r(t) + (1 − α) · r̂(t−1) for rmin and rmax each (seed 000)."""
 
     alpha: float = 0.01
@@ -91,13 +98,6 @@ class MovingAverageObserver:
         return replace(self, rmin=a * lo + (1 - a) * self.rmin, rmax=a * hi + (1 - a) * self.rmax,
                        count=self.count + 1)
 
-    def range(self) -> tuple[float, float]:
-        _require_observed(self.count)
-        return self.rmin, self.rmax
-
-    def qparams(self, bits: int, scheme: str = "asymmetric", *,
-                scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        return linear_qparams(*self.range(), bits, scheme, scale_dtype=scale_dtype)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
