@@ -1,8 +1,9 @@
 """`autopar bench runtime`: autopar's plans against PyTorch's own parallel wrappers, side by side.
 
 On local gloo ranks, for a zoo model: autopar's `dp` plan against `DistributedDataParallel`, its
-`fsdp` plan against FSDP2 `fully_shard` (per block, then the root), and its `auto` plan against the
-fastest of those. Every variant trains on the same global batch with AdamW; the variants take turns
+`fsdp` plan against FSDP2 `fully_shard` (per block, then the root), its `tp` plan against Megatron
+tensor parallelism through `parallelize_module` (q, k, v and fc1 column-parallel, proj and fc2
+row-parallel, the rest replicated), and its `auto` plan against the fastest of the three. Every variant trains on the same global batch with AdamW; the variants take turns
 within each round, each leading a round in turn (so drift on a noisy machine hits all of them alike) and the median step time
 over all rounds is reported, with each autopar plan's ratio to its PyTorch counterpart.
 """
@@ -19,10 +20,13 @@ import torch.distributed as dist
 
 
 def _torch_variant(kind: str, entry, overrides: dict, batch: int):
-    """A DDP or FSDP2 model, its optimizer, and the slice of the batch this rank trains on."""
+    """A DDP, FSDP2 or tensor-parallel model, its optimizer, and the slice of the batch this rank trains on."""
     model = entry.build(seed=0, **overrides)
+    world, rank = dist.get_world_size(), dist.get_rank()
     if kind == "ddp":
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    elif kind == "tp":
+        wrapped, world, rank = _megatron_tp(model, world), 1, 0  # every rank runs the whole batch
     else:
         from torch.distributed.fsdp import fully_shard
 
@@ -30,7 +34,6 @@ def _torch_variant(kind: str, entry, overrides: dict, batch: int):
             fully_shard(layer)
         wrapped = fully_shard(model)
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-4)
-    world, rank = dist.get_world_size(), dist.get_rank()
 
     def step(inputs, target):
         local = [x.chunk(world)[rank] for x in inputs]
@@ -41,6 +44,25 @@ def _torch_variant(kind: str, entry, overrides: dict, batch: int):
         return loss.detach()
 
     return step
+
+
+def _megatron_tp(model: torch.nn.Module, world: int) -> torch.nn.Module:
+    """Megatron-LM's layout (Shoeybi et al. 2019, §3) with PyTorch's `parallelize_module`: per block,
+    the attention's q, k, v and the MLP's fc1 split by columns, proj and fc2 by rows, so each block
+    all-reduces once in forward and once in backward per sublayer; each rank keeps n_heads / world heads."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (world,))
+    layout = {"attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
+              "attn.proj": RowwiseParallel(), "ffn.fc1": ColwiseParallel(), "ffn.fc2": RowwiseParallel()}
+    for block in model.layers:
+        if block.attn.n_heads % world:
+            raise ValueError(f"tensor parallelism: found {block.attn.n_heads} heads, required a multiple of "
+                             f"the {world} ranks")
+        parallelize_module(block, mesh, layout)
+        block.attn.n_heads //= world
+    return model
 
 
 def _autopar_variant(strategy: str, entry, overrides: dict, batch: int):
@@ -103,7 +125,7 @@ RUNTIME_CASES = (
                 overrides=(("n_layers", 4), ("d_model", 256), ("n_heads", 8), ("d_head", 32), ("vocab_size", 4096),
                            ("seq_len", 128))),
 )
-VARIANTS = ["autopar:dp", "ddp", "autopar:fsdp", "fsdp2", "autopar:auto"]
+VARIANTS = ["autopar:dp", "ddp", "autopar:fsdp", "fsdp2", "autopar:tp", "tp", "autopar:auto"]
 
 
 def runtime_benchmark(cases=RUNTIME_CASES, rounds: int = 5, steps: int = 4) -> list[tuple[RuntimeCase, dict]]:
@@ -124,12 +146,13 @@ def runtime_benchmark(cases=RUNTIME_CASES, rounds: int = 5, steps: int = 4) -> l
 
 def runtime_table(results: list[tuple[RuntimeCase, dict]]) -> str:
     lines = ["| model | ranks | batch | autopar dp | DDP | dp / DDP | autopar fsdp | FSDP2 | fsdp / FSDP2 | "
-             "autopar auto | auto / fastest by hand |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "autopar tp | TP (parallelize_module) | tp / TP | autopar auto | auto / fastest by hand |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for case, got in results:
         m = got["median"]
-        fastest = min(m["ddp"], m["fsdp2"])
-        lines.append(f"| {case.label} | {case.world} | {case.batch} | {m['autopar:dp'] * 1e3:.1f} ms | "
-                     f"{m['ddp'] * 1e3:.1f} ms | {m['autopar:dp'] / m['ddp']:.3f} | {m['autopar:fsdp'] * 1e3:.1f} ms | "
-                     f"{m['fsdp2'] * 1e3:.1f} ms | {m['autopar:fsdp'] / m['fsdp2']:.3f} | "
+        fastest = min(m["ddp"], m["fsdp2"], m["tp"])
+        cells = [f"{m[ours] * 1e3:.1f} ms | {m[theirs] * 1e3:.1f} ms | {m[ours] / m[theirs]:.3f}"
+                 for ours, theirs in (("autopar:dp", "ddp"), ("autopar:fsdp", "fsdp2"), ("autopar:tp", "tp"))]
+        lines.append(f"| {case.label} | {case.world} | {case.batch} | {' | '.join(cells)} | "
                      f"{m['autopar:auto'] * 1e3:.1f} ms | {m['autopar:auto'] / fastest:.3f} |")
     return "\n".join(lines)
