@@ -76,6 +76,7 @@ def capture(model: nn.Module, example_inputs: tuple, *, loss_fn: Callable | None
     if loss_fn is not None:
         args += (_on_device(target, device),)
     program = _export(_Step(model, loss_fn), args)
+    _forget_values(program)
     low_precision(program, precision)
 
     # Step 3: costs, then records with the user's names.
@@ -90,6 +91,16 @@ def capture(model: nn.Module, example_inputs: tuple, *, loss_fn: Callable | None
     outputs = tuple(a.name if isinstance(a, torch.fx.Node) else "" for a in pytree.tree_leaves(output.args))
     return CapturedGraph(program=program, nodes=nodes, params=params, inputs=user_inputs,
                          has_loss=loss_fn is not None, layers=layers, outputs=outputs, precision=precision)
+
+
+def _forget_values(program: torch.export.ExportedProgram) -> None:
+    """Keep only the shapes of the parameters and buffers the exported program holds: their values
+    are read from the model when compiling, and a reference here would keep every rank's whole
+    unsharded model alive for as long as the compiled one (lifted constants stay: they are read)."""
+    state = program.state_dict  # the property has no setter; the dict is the program's own
+    for k, v in state.items():
+        shape_only = torch.empty_like(v, device="meta")
+        state[k] = nn.Parameter(shape_only, requires_grad=v.requires_grad) if isinstance(v, nn.Parameter) else shape_only
 
 
 def _model_device(model: nn.Module) -> torch.device:
