@@ -12,13 +12,23 @@ For p stages, m microbatches and per-microbatch stage times t_0 … t_{p-1} (for
   layers, so the ramp shrinks v-fold, idle / work = (p - 1) / (v·m); device i runs
   (p - i - 1)·2 + (v - 1)·p warm-up forwards of a chunk (Megatron-LM's schedule), holding one more
   than that, each 1/v of the stage's activations.
-- Zero-bubble ZB-H1 (Qi et al. 2023): the weight-gradient half of backward fills the ramp; the
-  bubble is about a third of 1F1B's at 1F1B's memory, idle / work ≈ (p - 1) / (3·m).
+- Zero-bubble (after ZB-H1, Qi et al. 2023): each backward is split into its input-gradient half I,
+  on the critical path, and its weight-gradient half W, which waits to fill what would be idle
+  time. The order is made by list scheduling with F = I = W (the paper's assumption): a group that
+  is free runs I when it can, else F while fewer than p - g microbatches wait for their W (1F1B's
+  memory), else W. Simulated, that order takes (3m + 2(p - 1)) thirds of t with equal stages: the
+  bubble is two thirds of 1F1B's, idle / work = 2(p - 1) / (3·m) (the paper's 1/3 needs more
+  microbatches in flight than 1F1B keeps).
 
 With unequal stages, each also running its gradient synchronization and optimizer step (o_i) once
-after its last backward, autopar takes T = max_i (m·t_i + o_i) + c·(p - 1)/p·Σ t_i: the busiest
-stage's own work plus the fill-and-drain ramp, c = 1 for GPipe and 1F1B, 1/v interleaved and 1/3
-zero-bubble. With equal stages and no o it is (m + c·(p - 1))·t, Alpa's eq. 2 for c = 1.
+after its last backward, autopar takes
+
+    T = m·max t + c·(Σ t - max t) + max_i (o_i - b·Σ_{j<i} t_j)
+
+the slowest stage paces every microbatch; the fill-and-drain ramp leaves c of the other stages'
+time idle (c = 1 for GPipe and 1F1B, 1/v interleaved, 2/3 zero-bubble); stage i finishes its last
+backward b·Σ_{j<i} t_j before stage 0 does (b = 2/3, backward = 2 × forward) and then runs o_i. With
+equal stages and no o it is (m + c·(p - 1))·t, Alpa's eq. 2 for c = 1.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ from collections.abc import Sequence
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero-bubble")
 VIRTUAL = 2
 """Chunks per device of the interleaved schedule."""
+BACKWARD_SHARE = 2.0 / 3.0
+"""Backward / (forward + backward) of a stage: a matmul's backward is two matmuls of its forward's size."""
 
 
 def _check(kind: str, stages: int, microbatches: int, virtual: int) -> None:
@@ -40,11 +52,11 @@ def _check(kind: str, stages: int, microbatches: int, virtual: int) -> None:
 
 def ramp_factor(kind: str, virtual: int = VIRTUAL) -> float:
     """c in T = m·max t + c·(Σ t - max t): how much of the fill-and-drain ramp stays idle."""
-    return {"gpipe": 1.0, "1f1b": 1.0, "interleaved": 1.0 / virtual, "zero-bubble": 1.0 / 3.0}[kind]
+    return {"gpipe": 1.0, "1f1b": 1.0, "interleaved": 1.0 / virtual, "zero-bubble": 2.0 / 3.0}[kind]
 
 
 def bubble_fraction(kind: str, stages: int, microbatches: int, virtual: int = VIRTUAL) -> float:
-    """Idle / work of equal stages: (p - 1)/m for GPipe and 1F1B, /v interleaved, /3 zero-bubble."""
+    """Idle / work of equal stages: (p - 1)/m for GPipe and 1F1B, /v interleaved, × 2/3 zero-bubble."""
     _check(kind, stages, microbatches, virtual)
     return ramp_factor(kind, virtual) * (stages - 1) / microbatches
 
@@ -52,12 +64,13 @@ def bubble_fraction(kind: str, stages: int, microbatches: int, virtual: int = VI
 def step_time(kind: str, stage_times: Sequence[float], microbatches: int, once: Sequence[float] | None = None,
               virtual: int = VIRTUAL) -> float:
     """Seconds per step from per-microbatch stage times (forward + backward) and each stage's
-    once-per-step work: max_i (m·t_i + o_i) + c·(p - 1)/p·Σ t_i."""
+    once-per-step work: m·max t + c·(Σ t - max t) + max_i (o_i - b·Σ_{j<i} t_j) (module docstring)."""
     p = len(stage_times)
     _check(kind, p, microbatches, virtual)
     once = once or [0.0] * p
-    busiest = max(microbatches * t + o for t, o in zip(stage_times, once))
-    return busiest + ramp_factor(kind, virtual) * (p - 1) / p * sum(stage_times)
+    slowest = max(stage_times)
+    tail = max(o - BACKWARD_SHARE * sum(stage_times[:i]) for i, o in enumerate(once))
+    return microbatches * slowest + ramp_factor(kind, virtual) * (sum(stage_times) - slowest) + max(tail, 0.0)
 
 
 def in_flight(kind: str, stages: int, microbatches: int, stage: int, virtual: int = VIRTUAL) -> float:
@@ -96,13 +109,16 @@ def actions(kind: str, stages: int, microbatches: int, virtual: int = 1) -> list
     GPipe: every forward, then every backward. 1F1B: group g runs min(p - g - 1, m) warm-up
     forwards, then alternates one forward and one backward, then drains (PipeDream-Flush).
     Interleaved 1F1B (Megatron-LM): microbatches go through the chunks in rounds of p, warm-up
-    (p - g - 1)·2 + (v - 1)·p forwards. Zero-bubble (ZB-H1, Qi et al. 2023): 1F1B's order with each
-    backward split into its input-gradient half I, on the critical path, and its weight-gradient
-    half W, deferred by p - g - 1 microbatches so that it fills the drain."""
+    (p - g - 1)·2 + (v - 1)·p forwards. Zero-bubble: the list-scheduled order of the module
+    docstring, each backward split into I and W."""
     _check(kind, stages, microbatches, virtual)
     if kind != "interleaved" and virtual != 1:
         raise ValueError(f"schedule {kind}: found {virtual} chunks per device, required 1 (only interleaved has more)")
     p, m, v = stages, microbatches, virtual
+    if kind == "zero-bubble":
+        orders = _zero_bubble(p, m)
+        check_order(orders, m)
+        return orders
     for extra in range(m * v + 1):  # interleaved rounds that do not divide m may need a longer warm-up
         orders = [_group_order(kind, p, m, v, g, extra) for g in range(p)]
         try:
@@ -128,18 +144,34 @@ def _group_order(kind: str, p: int, m: int, v: int, g: int, extra: int) -> list[
     return _split_backward(order, p - g - 1) if kind == "zero-bubble" else order
 
 
-def _split_backward(order: list[tuple[str, int, int]], defer: int) -> list[tuple[str, int, int]]:
-    """Each B becomes I at once and W after `defer` more I's (all W's at the end, in order)."""
-    out, waiting = [], []
-    for action, c, k in order:
-        if action != "B":
-            out.append((action, c, k))
-            continue
-        out.append(("I", c, k))
-        waiting.append(("W", c, k))
-        if len(waiting) > defer:
-            out.append(waiting.pop(0))
-    return out + waiting
+def _zero_bubble(p: int, m: int) -> list[list[tuple[str, int, int]]]:
+    """List scheduling with unit-time F, I and W: whichever group can start earliest goes next,
+    preferring I, then F (while fewer than p - g of its microbatches wait for their W), then W."""
+    free, done = [0] * p, {}
+    counts = [{"F": 0, "I": 0, "W": 0} for _ in range(p)]
+    orders: list[list[tuple[str, int, int]]] = [[] for _ in range(p)]
+    for _ in range(3 * p * m):
+        best = None
+        for g in range(p):
+            n = counts[g]
+            options = []
+            if n["I"] < n["F"]:
+                needs = [("F", g, n["I"])] + ([("I", g + 1, n["I"])] if g < p - 1 else [])
+                options.append((needs, 0, "I", n["I"]))
+            if n["F"] < m and n["F"] - n["W"] < p - g:
+                options.append(([("F", g - 1, n["F"])] if g else [], 1, "F", n["F"]))
+            if n["W"] < n["I"]:
+                options.append(([], 2, "W", n["W"]))
+            for needs, rank, action, k in options:
+                if all(d in done for d in needs):
+                    key = (max([free[g]] + [done[d] for d in needs]), rank, g)
+                    if best is None or key < best[0]:
+                        best = (key, action, k)
+        (start, _, g), action, k = best
+        free[g] = done[(action, g, k)] = start + 1
+        counts[g][action] += 1
+        orders[g].append((action, 0, k))
+    return orders
 
 
 def check_order(orders: list[list[tuple[str, int, int]]], microbatches: int, virtual: int = 1) -> None:

@@ -15,12 +15,15 @@ def test_bubble_matches_the_seeds_example():
     assert schedules.bubble_fraction("gpipe", 4, 4) == pytest.approx(0.75)
     assert schedules.bubble_fraction("1f1b", 4, 8) == pytest.approx(3 / 8)
     assert schedules.bubble_fraction("interleaved", 4, 4, virtual=2) == pytest.approx(3 / 8)
-    assert schedules.bubble_fraction("zero-bubble", 4, 4) == pytest.approx(0.25)
+    # the zero-bubble order autopar runs: two thirds of 1F1B's bubble at 1F1B's memory
+    assert schedules.bubble_fraction("zero-bubble", 4, 4) == pytest.approx(0.5)
 
 
 def test_step_time_of_equal_stages_is_m_plus_p_minus_one_times_t():
     assert schedules.step_time("1f1b", [2.0] * 4, 4) == pytest.approx((4 + 4 - 1) * 2.0)
-    assert schedules.step_time("gpipe", [1.0, 3.0], 5, once=[0.5, 0.25]) == pytest.approx(5 * 3 + 0.25 + 0.5 * 4)
+    # GPipe, t = (1, 3), backward 2/3 of each: stage 1 ends its last backward at 1/3 + 5·3 = 15.33,
+    # stage 0 two thirds later at 16, then its optimizer 0.5: the slow stage paces both.
+    assert schedules.step_time("gpipe", [1.0, 3.0], 5, once=[0.5, 0.25]) == pytest.approx(16.5)
 
 
 def test_in_flight_microbatches():
