@@ -17,7 +17,10 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from autopar.cost.profile import Profile
 
 GiB = 1 << 30
 DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8")
@@ -129,6 +132,8 @@ class Cluster:
     """Links between nodes (InfiniBand, Ethernet)."""
     backend: str = "nccl"
     """The torch.distributed backend that runs on it: "nccl" for GPUs, "gloo" for CPUs."""
+    profile: Profile | None = None
+    """What `autopar profile` measured (`autopar.cost.profile`); the cost model prefers it where present."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -141,6 +146,11 @@ class Cluster:
                 raise ValueError(f"Cluster.{field}: found {found}, required {kind.__name__}")
         if self.backend not in BACKENDS:
             raise ValueError(f"Cluster.backend: found {self.backend!r}, required one of {', '.join(BACKENDS)}")
+        if self.profile is not None:
+            from autopar.cost.profile import Profile
+
+            if not isinstance(self.profile, Profile):
+                raise ValueError(f"Cluster.profile: found {type(self.profile).__name__}, required Profile or None")
 
     @property
     def num_devices(self) -> int:
@@ -160,7 +170,8 @@ class Cluster:
         return (f"{self.name}: {self.nodes} node(s) × {self.devices_per_node} {d.name} "
                 f"({d.memory / GiB:.0f} GiB, bf16 {d.peak_flops.bf16 / 1e12:.1f} TFLOP/s dense), "
                 f"intra-node {self.intra_node.bandwidth / 1e9:.1f} GB/s, "
-                f"inter-node {self.inter_node.bandwidth / 1e9:.2f} GB/s per device")
+                f"inter-node {self.inter_node.bandwidth / 1e9:.2f} GB/s per device"
+                f"{', profiled' if self.profile is not None else ''}")
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -179,7 +190,11 @@ class Cluster:
         return presets.local()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data; "profile" only when there is one, so unprofiled clusters read as before."""
+        data = dataclasses.asdict(self)
+        if self.profile is None:
+            del data["profile"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> Cluster:
@@ -188,6 +203,10 @@ class Cluster:
         fields["device"] = _device_from_dict(fields["device"])
         fields["intra_node"] = Link(**_read_fields("Cluster.intra_node", fields["intra_node"], Link))
         fields["inter_node"] = Link(**_read_fields("Cluster.inter_node", fields["inter_node"], Link))
+        if fields.get("profile") is not None:
+            from autopar.cost.profile import Profile
+
+            fields["profile"] = Profile.from_dict(fields["profile"])
         return cls(**fields)
 
     def to_json(self) -> str:

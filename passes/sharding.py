@@ -106,6 +106,8 @@ class Context:
     mesh: LogicalMesh
     resharder: Resharder
     device: object
+    profile: object
+    """The cluster's `Profile`, or None."""
     options: ShardingOptions
     fx_nodes: dict
     unit_of: dict[str, int] = field(default_factory=dict)
@@ -127,7 +129,7 @@ def build_problem(captured: CapturedGraph, mesh: LogicalMesh, cluster: Cluster,
     graph_roles = roles(captured)
     units, unit_of = build_units(captured, graph_roles)
     ctx = Context(captured=captured, roles=graph_roles, mesh=mesh, resharder=Resharder(mesh, CommModel(cluster)),
-                  device=cluster.device, options=options,
+                  device=cluster.device, profile=cluster.profile, options=options,
                   fx_nodes={n.name: n for n in captured.program.graph.nodes}, unit_of=unit_of)
     _find_owners(ctx, units)
     counts: dict[int, int] = {}
@@ -218,7 +220,7 @@ def _price_members(ctx: Context, unit: Unit, strategy: Strategy) -> None:
         dtype = DTYPE_NAMES.get(info.output.dtype, "fp32") if info.output is not None else "fp32"
         if dtype not in ("fp32", "bf16", "fp16"):
             dtype = "fp32"
-        strategy.compute += local_time(info, sharding, shape, ctx.device, dtype)
+        strategy.compute += local_time(info, sharding, shape, ctx.device, dtype, ctx.profile)
         strategy.activations += saved_memory(info, sharding, shape)
         for axis, kind in enumerate(sharding.kinds):
             if kind in _INTERNAL:

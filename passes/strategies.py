@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 from torch.distributed.tensor import Partial, Replicate, Shard
 
-from autopar.cost.compute import roofline_time
+from autopar.cost.compute import kernel_time
 from autopar.vocab import Placements, grad_placement, normalize_grad, shard_count
 from autopar.passes.follow import broadcast_to, follow
 from autopar.passes.reshard import Collective
@@ -185,15 +185,17 @@ def saved_memory(node_info, sharding: NodeSharding, mesh_shape) -> float:
     return (node_info.saved_bytes - internal) / out_parts + internal / parts(sharding, mesh_shape)
 
 
-def local_time(node_info, sharding: NodeSharding, mesh_shape, device, dtype: str) -> float:
-    """Forward + backward of one node on its shard: the work divided where the op splits it."""
+def local_time(node_info, sharding: NodeSharding, mesh_shape, device, dtype: str, profile=None) -> float:
+    """Forward + backward of one node on its shard: the work divided where the op splits it
+    (`cost.compute.kernel_time`: the roofline, or the cluster's profile when it has one)."""
     if node_info.flops == 0 and node_info.bytes_moved == 0:
         return 0.0
     parts_ = parts(sharding, mesh_shape)
-    forward = roofline_time(node_info.flops / parts_, node_info.bytes_moved / parts_, device, dtype)
+    forward = kernel_time(node_info.flops / parts_, node_info.bytes_moved / parts_, device, dtype, profile)
     if not node_info.requires_grad:
         return forward
-    backward = roofline_time(node_info.backward_flops / parts_, 2 * node_info.bytes_moved / parts_, device, dtype)
+    backward = kernel_time(node_info.backward_flops / parts_, 2 * node_info.bytes_moved / parts_, device, dtype,
+                           profile)
     return forward + backward
 
 

@@ -22,6 +22,13 @@ A group spanning k nodes with g devices on each runs hierarchically (NCCL does t
 all-reduce = reduce-scatter inside each node (p = g) + all-reduce across nodes on n/g bytes
 (p = k) + all-gather inside each node. The flat algorithm over the slower link is also costed,
 and the cheaper of the two is used.
+
+On a profiled cluster (`Cluster.profile`, from `autopar profile`) the measured fit replaces all of
+this for the collectives it covers: time = α + nβ with the α and β least-squares fitted for that
+collective, group size and scope (inside a node, or spanning nodes). A group size that was not
+measured takes the fit of the nearest one, carried over by the ring algorithm's coefficients of
+α and nβ at the two sizes (all-reduce 2(p−1) and 2(p−1)/p, and so on: `_RING_SCALE`). Collectives
+the profile lacks keep the seed formulas above.
 """
 
 from __future__ import annotations
@@ -35,6 +42,15 @@ from autopar.cluster import Cluster, Link
 COLLECTIVES = ("broadcast", "reduce", "scatter", "gather", "all_gather", "reduce_scatter", "all_reduce",
                "all_to_all", "send_recv")
 _SEED_COLLECTIVES = COLLECTIVES[:7]
+# The ring algorithm's coefficients of (α, nβ) at group size p (seed 002; all-to-all pairwise).
+_RING_SCALE = {
+    "all_reduce": (lambda p: 2 * (p - 1), lambda p: 2 * (p - 1) / p),
+    "all_gather": (lambda p: p - 1, lambda p: (p - 1) / p),
+    "reduce_scatter": (lambda p: p - 1, lambda p: (p - 1) / p),
+    "broadcast": (lambda p: _log(p) + p - 1, lambda p: 2 * (p - 1) / p),
+    "all_to_all": (lambda p: p - 1, lambda p: (p - 1) / p),
+    "send_recv": (lambda p: 1, lambda p: 1),
+}
 
 
 def _log(p: int) -> int:
@@ -95,7 +111,8 @@ class CommCost:
     time: float
     """Seconds."""
     algorithm: str
-    """"mst", "ring", "pairwise", "p2p", "hierarchical(intra, inter, intra)" or "local"."""
+    """"mst", "ring", "pairwise", "p2p", "hierarchical(intra, inter, intra)", "local", or
+    "profiled" (the measured fit), "profiled(p=q)" (carried over from group size q)."""
 
 
 def flat_cost(kind: str, p: int, n: float, link: Link, gamma: float) -> CommCost:
@@ -114,10 +131,12 @@ def flat_cost(kind: str, p: int, n: float, link: Link, gamma: float) -> CommCost
 
 class CommModel:
     """Collective times on a cluster. γ is the time to reduce one byte: reading two operands and
-    writing one at the device's effective memory bandwidth, 3 / (bandwidth · efficiency)."""
+    writing one at the device's effective memory bandwidth, 3 / (bandwidth · efficiency). The
+    cluster's profile, when it has one, comes first (see the module docstring)."""
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
+        self.profile = cluster.profile
         device = cluster.device
         self.gamma = 3.0 / (device.memory_bandwidth * device.bandwidth_efficiency)
 
@@ -139,9 +158,12 @@ class CommModel:
             return CommCost(0.0, "local")
         k, g = self.group_shape(devices)
         intra, inter = self.cluster.intra_node, self.cluster.inter_node
+        if kind == "send_recv" and p != 2:
+            raise ValueError(f"send_recv: found a group of {p} devices, required 2 (sender, receiver)")
+        measured = self._profiled(kind, p, nbytes, "intra" if k == 1 else "inter")
+        if measured is not None:
+            return measured
         if kind == "send_recv":
-            if p != 2:
-                raise ValueError(f"send_recv: found a group of {p} devices, required 2 (sender, receiver)")
             return flat_cost(kind, 2, nbytes, self.cluster.link_between(devices[0], devices[1]), self.gamma)
         if k == 1:
             return flat_cost(kind, p, nbytes, intra, self.gamma)
@@ -153,6 +175,18 @@ class CommModel:
 
     def time(self, kind: str, nbytes: float, devices: Sequence[int]) -> float:
         return self.cost(kind, nbytes, devices).time
+
+    def _profiled(self, kind: str, p: int, n: float, scope: str) -> CommCost | None:
+        """α + nβ from the profile's fit for (kind, p, scope), or the nearest group size's carried
+        over to p by `_RING_SCALE`; None without a fit."""
+        fit = self.profile.collective(kind, p, scope) if self.profile is not None else None
+        if fit is None:
+            return None
+        if fit.group_size == p:
+            return CommCost(fit.time(n), "profiled")
+        a, b = _RING_SCALE[kind]
+        q = fit.group_size
+        return CommCost(fit.alpha * a(p) / a(q) + n * fit.beta * b(p) / b(q), f"profiled(p={q})")
 
     def _hierarchical(self, kind: str, k: int, g: int, n: float, intra: Link, inter: Link) -> CommCost:
         def c(kind_: str, p: int, size: float, link: Link) -> float:

@@ -7,6 +7,15 @@ ops, norms and views on the bytes side. Where a `ProfileTable` has a measured ti
 and dtype, that time is used instead.
 
     MFU = model FLOPs / time / peak FLOP/s          (seed 002)
+
+On a profiled cluster (`Cluster.profile`) the measured figures replace the roofline's, and each
+kernel pays the measured fixed overhead o once (forward, and again in backward):
+
+    time = o + max(FLOPs / rate(dtype, FLOPs) − o, bytes / measured bandwidth)
+
+rate is the achieved matmul rate interpolated between the measured shapes by FLOPs
+(`Profile.matmul_rate`); a measured rate includes one call's overhead, taken off here so that it
+is paid once. Without a profile, nothing changes.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from autopar.cluster import DeviceSpec
+from autopar.cost.profile import Profile
 from autopar.graph import NodeInfo
 
 DTYPE_NAMES = {
@@ -30,6 +40,22 @@ def roofline_time(flops: float, bytes_moved: float, device: DeviceSpec, dtype: s
     compute = flops / (device.peak(dtype) * device.matmul_efficiency) if flops else 0.0
     memory = bytes_moved / (device.memory_bandwidth * device.bandwidth_efficiency)
     return max(compute, memory)
+
+
+def kernel_time(flops: float, bytes_moved: float, device: DeviceSpec, dtype: str = "fp32",
+                profile: Profile | None = None) -> float:
+    """`roofline_time`, or with a profile the measured form of the module docstring. A kernel that
+    neither computes nor moves bytes (a view) costs nothing either way."""
+    if profile is None:
+        return roofline_time(flops, bytes_moved, device, dtype)
+    if not flops and not bytes_moved:
+        return 0.0
+    overhead = profile.kernel_overhead
+    compute = 0.0
+    if flops:
+        rate = profile.matmul_rate(dtype, flops)
+        compute = max(flops / rate - overhead, 0.0) if rate else flops / (device.peak(dtype) * device.matmul_efficiency)
+    return overhead + max(compute, bytes_moved / profile.memory_bandwidth)
 
 
 def mfu(model_flops: float, seconds: float, peak_flops: float) -> float:
@@ -62,14 +88,17 @@ class ProfileTable:
 
 
 class ComputeModel:
-    """Per-node compute time on one device. `fp32_matmul="tf32"` models TF32 tensor cores for fp32."""
+    """Per-node compute time on one device. `fp32_matmul="tf32"` models TF32 tensor cores for fp32.
+    `profile` (a cluster's `Cluster.profile`): the measured rates, bandwidth and kernel overhead."""
 
-    def __init__(self, device: DeviceSpec, *, table: ProfileTable | None = None, fp32_matmul: str = "fp32") -> None:
+    def __init__(self, device: DeviceSpec, *, table: ProfileTable | None = None, fp32_matmul: str = "fp32",
+                 profile: Profile | None = None) -> None:
         if fp32_matmul not in ("fp32", "tf32"):
             raise ValueError(f"fp32_matmul: found {fp32_matmul!r}, required 'fp32' or 'tf32'")
         self.device = device
         self.table = table or ProfileTable()
         self.fp32_matmul = fp32_matmul
+        self.profile = profile
 
     def dtype_of(self, node: NodeInfo) -> str:
         out = node.output
@@ -93,4 +122,4 @@ class ComputeModel:
         moved = node.bytes_moved * (2 if backward else 1)
         if backward and not node.requires_grad:
             return 0.0
-        return roofline_time(flops / shards, moved / shards, self.device, self.dtype_of(node))
+        return kernel_time(flops / shards, moved / shards, self.device, self.dtype_of(node), self.profile)
