@@ -37,7 +37,8 @@ def placements(problem: ShardingProblem, choice: dict[int, int],
             info = ctx.captured.nodes[name]
             sharding = strategy.members[m]
             nodes[name] = NodePlan(op=info.op, module=info.module_path, layer=info.layer, inputs=sharding.inputs,
-                                   outputs=sharding.outputs, kinds=sharding.kinds)
+                                   outputs=sharding.outputs, kinds=sharding.kinds,
+                                   args=tuple(a.name for a in tensor_args(ctx.fx_nodes[name])))
         for (m, j), held in strategy.params.items():
             arg = tensor_args(ctx.fx_nodes[unit.members[m]])[j]
             params[ctx.roles.params[arg.name]] = ParamPlan(
@@ -101,10 +102,10 @@ def _collectives(problem: ShardingProblem, solution: ShardingSolution, nodes: di
             canonical[name] = canon
     found: dict[tuple, list] = {}
 
-    def add(name: str, phase: str, collectives) -> None:
-        for c in collectives:
-            key = (canonical.get(name, name), phase, c.kind, c.axis, c.group_size, c.bytes, c.time)
-            found.setdefault(key, [name, 0])[1] += 1
+    def add(name: str, phase: str, collectives, arg: int = -1, source: str = "") -> None:
+        for c in collectives:  # keyed by the canonical node and argument: one record per edge of the drawn graph
+            key = (canonical.get(name, name), arg, phase, c.kind, c.axis, c.group_size, c.bytes, c.time)
+            found.setdefault(key, [name, source, 0])[2] += 1
 
     w_bytes, g_bytes, _ = ctx.param_bytes()
     for name, plan in nodes.items():
@@ -112,14 +113,16 @@ def _collectives(problem: ShardingProblem, solution: ShardingSolution, nodes: di
         for j, arg in enumerate(tensor_args(ctx.fx_nodes[name])):
             if arg.name in nodes:  # an activation: its producer's placement → this op's
                 produced, nbytes = nodes[arg.name].outputs[0], ctx.nbytes(arg.name)
-                add(name, "forward", ctx.resharder.collectives(produced, plan.inputs[j], nbytes))
+                add(name, "forward", ctx.resharder.collectives(produced, plan.inputs[j], nbytes), j, arg.name)
                 if ctx.captured.nodes[arg.name].requires_grad:
-                    add(name, "backward", ctx.resharder.collectives(grads[j], normalized(produced), nbytes))
+                    add(name, "backward", ctx.resharder.collectives(grads[j], normalized(produced), nbytes), j,
+                        arg.name)
             elif arg.name in ctx.roles.params and ctx.owner[arg.name][0] != _unit_of(problem, name):
                 held = params[ctx.roles.params[arg.name]]  # a tied parameter used away from its owner
                 numel = ctx.captured.params[ctx.roles.params[arg.name]].meta.numel
-                add(name, "forward", ctx.resharder.collectives(held.storage, plan.inputs[j], numel * w_bytes))
-                add(name, "backward", ctx.resharder.collectives(grads[j], held.grad, numel * g_bytes))
+                add(name, "forward", ctx.resharder.collectives(held.storage, plan.inputs[j], numel * w_bytes), j,
+                    arg.name)
+                add(name, "backward", ctx.resharder.collectives(grads[j], held.grad, numel * g_bytes), j, arg.name)
     for out in ctx.captured.reduced_outputs:
         if out in nodes and ctx.captured.nodes[out].output is not None:
             placed = nodes[out].outputs[0]
@@ -130,8 +133,8 @@ def _collectives(problem: ShardingProblem, solution: ShardingSolution, nodes: di
         for canon_name, phase, c in strategy.collectives:
             add(unit.members[position[canon_name]], phase, [c])
     return [CollectiveRecord(node=name, module=ctx.captured.nodes[name].module_path, phase=phase, kind=kind,
-                             axis=axis, group_size=size, bytes=nbytes, time=t, count=count)
-            for (_, phase, kind, axis, size, nbytes, t), (name, count) in found.items()]
+                             axis=axis, group_size=size, bytes=nbytes, time=t, count=count, source=source)
+            for (_, _, phase, kind, axis, size, nbytes, t), (name, source, count) in found.items()]
 
 
 def _unit_of(problem: ShardingProblem, name: str) -> int:

@@ -6,6 +6,8 @@
     autopar clusters [--show h100 --nodes 2 --json > cluster.json]
     autopar plan --model gpt3-1.3b --cluster h100 --nodes 2 --batch-size 16 --out plan.json
     autopar bench capture --models gpt3-175b
+    autopar profile --out cluster.json --nproc 2
+    autopar viz plan.json --out dump/
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import sys
 
 from autopar.cluster import Cluster
 from autopar.errors import AutoparError
+from autopar.runtime import profiler
 from autopar.runtime.launch import pipeline_args, pipeline_argv, pipeline_spec
+from autopar.viz import command as viz_command
 
 
 def _cluster_args(parser: argparse.ArgumentParser, *, default: str | None = "h100", nodes: int = 1) -> None:
@@ -225,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=4, help="runtime: timed steps per round (default: %(default)s)")
     p.add_argument("--out", default=None, help="append the table to this file")
     p.set_defaults(run=_bench)
+    profiler.add_parser(sub)
+    viz_command.add_parser(sub)
     return parser
 
 

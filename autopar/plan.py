@@ -4,7 +4,7 @@ A frozen dataclass tree with no solver objects in it; `to_json` / `from_json` ro
 exactly, and a malformed file gives a `ValueError` naming the field (`autopar.serialize`).
 
     plan = autopar.plan(model, cluster, example_inputs=(x,), loss_fn=loss, target=y)
-    print(plan.summary())
+    print(plan.summary()); plan.visualize("dump/")
     plan.save("plan.json"); same = Plan.load("plan.json")
 """
 
@@ -14,12 +14,16 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch.distributed.tensor.placement_types import Placement
 
 from autopar.cluster import Cluster, parse_json
 from autopar.serialize import from_data, to_data
 from autopar.vocab import LogicalMesh
+
+if TYPE_CHECKING:
+    from autopar.viz import Dumps
 
 FORMAT = 1
 STRATEGIES = ("auto", "dp", "zero1", "zero2", "fsdp", "tp", "dp+tp", "sp")
@@ -35,6 +39,9 @@ class NodePlan:
     outputs: tuple[tuple[Placement, ...], ...]
     kinds: tuple[str, ...] = ()
     """Per axis, how the op runs on local shards (`passes.rules.Rule.kind`)."""
+    args: tuple[str, ...] = ()
+    """Per tensor argument (as `inputs`), the node that produces it: an op, an input or a parameter's
+    placeholder. The graph's edges; empty in plans written before it was recorded."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -64,6 +71,9 @@ class CollectiveRecord:
     """Seconds, once."""
     count: int
     """Times per step (identical layers)."""
+    source: str = ""
+    """The producer whose tensor the collective brings to `node` (the graph edge it runs on); "" for
+    the collectives an op runs itself and for parameter synchronization."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -189,3 +199,10 @@ class Plan:
         from autopar.summary import summarize
 
         return summarize(self)
+
+    def visualize(self, directory: str | os.PathLike, *, graphviz: bool | None = None) -> Dumps:
+        """Writes graph.dot, graph.svg (with Graphviz), timeline.svg and report.html into `directory`
+        (`autopar.viz`); gives their paths."""
+        from autopar.viz import visualize
+
+        return visualize(self, directory, graphviz=graphviz)
