@@ -11,9 +11,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/autopar estimate --model gpt3-175b --precision mixed --optimizer adam
-	$(BIN)/autopar plan --model gpt3-1.3b --cluster h100 --nodes 2 --batch-size 16
-	$(BIN)/autopar run --model gpt-tiny --nproc 2 --steps 5 --strategy auto
+	$(BIN)/autopar demo
 
 test: $(VENV)/.installed
 	$(BIN)/pytest

@@ -8,6 +8,9 @@
     autopar bench capture --models gpt3-175b
     autopar profile --out cluster.json --nproc 2
     autopar viz plan.json --out dump/
+    autopar profile --out cluster.json --nproc 4
+    autopar bench accuracy --profile
+    autopar demo
 """
 
 from __future__ import annotations
@@ -120,6 +123,8 @@ def _bench(args: argparse.Namespace) -> int:
         table = bench_runtime.runtime_table(results)
         print(f"median seconds per training step (AdamW), {args.rounds} rounds of {args.steps} steps, "
               f"local gloo ranks; {bench.machine()}\n\n{table}")
+    elif args.suite == "accuracy":
+        table = _accuracy(args)
     elif args.suite == "quant":
         from autopar import bench_quant
 
@@ -137,6 +142,36 @@ def _bench(args: argparse.Namespace) -> int:
         with open(args.out, "a") as f:
             f.write(table + "\n")
     return 0
+
+
+def _accuracy(args: argparse.Namespace) -> str:
+    """Profiles 2 and 4 local ranks (or reads --cluster files), then runs the accuracy cases."""
+    import tempfile
+
+    from autopar import bench, bench_accuracy
+    from autopar.runtime import profiler
+
+    clusters = {}
+    for world in (2, 4):
+        given = getattr(args, f"cluster{world}")
+        if given:
+            clusters[world] = Cluster.load(given).to_json()
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            path = f"{tmp}/cluster{world}.json"
+            profiler.spawn(world, path, quick=args.quick)
+            clusters[world] = Cluster.load(path).to_json()
+    rows = bench_accuracy.accuracy_benchmark(clusters, rounds=args.rounds)
+    table = bench_accuracy.accuracy_table(rows)
+    print(f"predicted against measured, AdamW training steps on local gloo ranks (one thread each) with the "
+          f"cluster `autopar profile` measured for that many ranks; {bench.machine()}\n\n{table}")
+    return table
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from autopar import demo
+
+    return demo.run(out=args.out, nproc=args.nproc, steps=args.steps, large=not args.skip_large)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,15 +255,33 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`planner`: time autopar.plan on GPT-3 175B (1024 H100) and Llama-3 8B (64 H100). "
                                    "`pipeline`: auto with pipeline stages against the best Megatron-LM dp×tp×pp "
                                    "configuration, 8 to 1024 GPUs. "
-                                   "`runtime`: step times of autopar's dp, fsdp and auto plans against "
-                                   "DistributedDataParallel and FSDP2 on local gloo ranks.")
-    p.add_argument("suite", choices=["capture", "planner", "pipeline", "runtime", "quant"], help="which benchmark")
+                                   "`accuracy`: predicted against measured step time and memory of 16 plans on "
+                                   "2 and 4 local ranks, profiled first. "
+                                   "`runtime`: step times of autopar's dp, fsdp, tp and auto plans against "
+                                   "DistributedDataParallel, FSDP2 and parallelize_module on local gloo ranks.")
+    p.add_argument("suite", choices=["capture", "planner", "pipeline", "runtime", "quant", "accuracy"],
+                   help="which benchmark")
     p.add_argument("--models", nargs="+", default=["gpt3-175b"], help="zoo models (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1, help="samples per step (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=5, help="runtime: rounds, variants taking turns (default: %(default)s)")
     p.add_argument("--steps", type=int, default=4, help="runtime: timed steps per round (default: %(default)s)")
     p.add_argument("--out", default=None, help="append the table to this file")
+    p.add_argument("--cluster2", default=None, metavar="FILE",
+                   help="accuracy: the cluster file of 2 local ranks (default: profile them first)")
+    p.add_argument("--cluster4", default=None, metavar="FILE",
+                   help="accuracy: the cluster file of 4 local ranks (default: profile them first)")
+    p.add_argument("--quick", action="store_true", help="accuracy: profile with fewer measurements")
     p.set_defaults(run=_bench)
+
+    p = sub.add_parser("demo", help="plan GPT-3 175B for 1024 H100, then train a tiny GPT on 4 local ranks",
+                       description="The tour: plan GPT-3 175B on a simulated 1024-GPU H100 cluster and print "
+                                   "the plan; train a tiny GPT on local ranks with its auto plan and check its "
+                                   "losses against one process; write both plans' HTML reports.")
+    p.add_argument("--out", default="autopar-demo", help="directory for plans and reports (default: %(default)s)")
+    p.add_argument("--nproc", type=int, default=4, help="local ranks (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20, help="training steps (default: %(default)s)")
+    p.add_argument("--skip-large", action="store_true", help="skip planning GPT-3 175B (about a minute)")
+    p.set_defaults(run=_demo)
     profiler.add_parser(sub)
     viz_command.add_parser(sub)
     return parser

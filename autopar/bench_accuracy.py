@@ -1,0 +1,215 @@
+"""`autopar bench accuracy`: the cost model's predictions against real runs on the local cluster.
+
+Each case is a plan (a zoo model, a batch, a strategy or a hand-chosen pipeline) run for real on
+local ranks with the cluster `autopar profile` measured for that many ranks. Per plan it reports
+the predicted and measured step time (median over rounds, the slowest rank) and peak tensor memory
+per rank (`runtime.memory.LiveMemory`), and over all plans: the median and worst absolute relative
+error, and Kendall's τ between the predicted and the measured ranking of step times,
+
+    τ = (concordant pairs − discordant pairs) / (n(n−1)/2)        (Kendall 1938)
+
+over all plans and, stricter, over the pairs of plans of the same model and world size only (the
+choice the planner actually faces: which plan for this model on these devices).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True, slots=True)
+class AccuracyCase:
+    label: str
+    model: str
+    world: int
+    batch: int
+    strategy: str = "auto"
+    pipeline: dict[str, Any] | None = None
+    """`passes.split.PipelineSpec`'s fields, for a pipelined plan."""
+    overrides: dict[str, int] = field(default_factory=dict)
+
+
+_GPT = {"n_layers": 4, "d_model": 128, "n_heads": 4, "d_head": 32, "vocab_size": 1024, "seq_len": 64}
+_LLAMA = {"n_layers": 4, "dim": 128, "n_heads": 8, "n_kv_heads": 4, "ffn_dim": 384, "vocab_size": 1024, "seq_len": 64}
+_MLP = {"d_in": 512, "d_hidden": 2048, "d_out": 512}
+
+ACCURACY_CASES = (
+    AccuracyCase(label="GPT dp", model="gpt-tiny", world=2, batch=16, strategy="dp", overrides=_GPT),
+    AccuracyCase(label="GPT fsdp", model="gpt-tiny", world=2, batch=16, strategy="fsdp", overrides=_GPT),
+    AccuracyCase(label="GPT tp", model="gpt-tiny", world=2, batch=16, strategy="tp", overrides=_GPT),
+    AccuracyCase(label="GPT auto", model="gpt-tiny", world=2, batch=16, strategy="auto", overrides=_GPT),
+    AccuracyCase(label="GPT 1F1B, 2 stages", model="gpt-tiny", world=2, batch=16, strategy="dp", overrides=_GPT,
+                 pipeline={"stages": 2, "microbatches": 4, "schedule": "1f1b"}),
+    AccuracyCase(label="Llama dp", model="llama-tiny", world=2, batch=16, strategy="dp", overrides=_LLAMA),
+    AccuracyCase(label="Llama tp", model="llama-tiny", world=2, batch=16, strategy="tp", overrides=_LLAMA),
+    AccuracyCase(label="MLP dp", model="mlp-tiny", world=2, batch=256, strategy="dp", overrides=_MLP),
+    AccuracyCase(label="MLP tp", model="mlp-tiny", world=2, batch=256, strategy="tp", overrides=_MLP),
+    AccuracyCase(label="GPT dp", model="gpt-tiny", world=4, batch=16, strategy="dp", overrides=_GPT),
+    AccuracyCase(label="GPT fsdp", model="gpt-tiny", world=4, batch=16, strategy="fsdp", overrides=_GPT),
+    AccuracyCase(label="GPT dp+tp", model="gpt-tiny", world=4, batch=16, strategy="dp+tp", overrides=_GPT),
+    AccuracyCase(label="GPT tp", model="gpt-tiny", world=4, batch=16, strategy="tp", overrides=_GPT),
+    AccuracyCase(label="Llama dp", model="llama-tiny", world=4, batch=16, strategy="dp", overrides=_LLAMA),
+    AccuracyCase(label="Llama fsdp", model="llama-tiny", world=4, batch=16, strategy="fsdp", overrides=_LLAMA),
+    AccuracyCase(label="MLP tp", model="mlp-tiny", world=4, batch=256, strategy="tp", overrides=_MLP),
+)
+
+
+def _my_stage_memory(plan, rank: int) -> float:
+    for stage in plan.stages:
+        if rank in stage.mesh.devices:
+            return stage.cost.peak_memory
+    raise ValueError(f"rank {rank} is in none of the plan's stages")
+
+
+def measure(*, model: str, batch: int, strategy: str, pipeline: dict | None, overrides: dict, cluster: str,
+            rounds: int = 5, steps: int = 3) -> dict[str, Any]:
+    """On every rank (inside `autopar.testing.RankPool`): compile the case's plan on `cluster`
+    (JSON), time `rounds` × `steps` training steps, then one more step under `LiveMemory`.
+    Returns the plan's predictions and, per rank, the measurements."""
+    import autopar
+    from autopar import models
+    from autopar.cluster import Cluster
+    from autopar.passes.split import PipelineSpec
+    from autopar.runtime.memory import LiveMemory
+
+    entry = models.get(model)
+    batch_args = overrides
+    net = entry.build(seed=0, **overrides)
+    inputs, target = entry.example_batch(batch, seed=0, **batch_args)
+    compiled = autopar.compile(net, Cluster.from_json(cluster), example_inputs=inputs, loss_fn=entry.loss_fn,
+                               target=target, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-4), strategy=strategy,
+                               pipeline=PipelineSpec(**pipeline) if pipeline else False)
+    del net
+    try:
+        batches = [entry.example_batch(batch, seed=s, **batch_args) for s in range(steps)]
+        for x, y in batches[:2]:  # warm up: optimizer state, communication buffers
+            compiled.step(*x, target=y)
+        times = []
+        for _ in range(rounds):
+            dist.barrier()
+            start = time.perf_counter()
+            for x, y in batches:
+                compiled.step(*x, target=y)
+            dist.barrier()
+            times.append((time.perf_counter() - start) / steps)
+        x, y = batches[0]
+        del inputs, target, batches
+        with LiveMemory() as live:
+            compiled.step(*x, target=y)
+        peaks = [None] * dist.get_world_size()
+        dist.all_gather_object(peaks, live.peak)
+        plan = compiled.plan
+        return {"predicted_time": plan.cost.step_time, "measured_time": statistics.median(times), "times": times,
+                "predicted_memory": [_my_stage_memory(plan, r) for r in range(dist.get_world_size())],
+                "measured_memory": peaks, "plan": _describe(plan)}
+    finally:
+        compiled.close()
+
+
+def _describe(plan) -> str:
+    stages = plan.stages
+    meshes = ", ".join("×".join(map(str, s.mesh.shape)) for s in stages)
+    if len(stages) == 1:
+        return f"mesh {meshes}"
+    return f"{len(stages)} stages ({meshes}), {plan.schedule.kind}, {plan.schedule.microbatches} microbatches"
+
+
+@dataclass(frozen=True, slots=True)
+class AccuracyRow:
+    case: AccuracyCase
+    plan: str
+    predicted_time: float
+    measured_time: float
+    predicted_memory: float
+    """Bytes, the rank with the largest measured peak."""
+    measured_memory: float
+
+    @property
+    def time_error(self) -> float:
+        return abs(self.predicted_time - self.measured_time) / self.measured_time
+
+    @property
+    def memory_error(self) -> float:
+        return abs(self.predicted_memory - self.measured_memory) / self.measured_memory
+
+
+def accuracy_benchmark(clusters: dict[int, str], cases=ACCURACY_CASES, rounds: int = 5,
+                       progress=None) -> list[AccuracyRow]:
+    """Runs every case on a pool of its world size; `clusters`: world size → cluster JSON (profiled)."""
+    from autopar.testing import RankPool
+
+    rows = []
+    for world in sorted({c.world for c in cases}):
+        if world not in clusters:
+            raise ValueError(f"cluster: found profiles for {sorted(clusters)} rank(s), required one for {world}")
+        mine = [c for c in cases if c.world == world]
+        with RankPool(world, timeout=600) as pool:
+            for case in mine:
+                kwargs = {"model": case.model, "batch": case.batch, "strategy": case.strategy,
+                          "pipeline": case.pipeline, "overrides": case.overrides, "cluster": clusters[world],
+                          "rounds": rounds}
+                (got,) = pool.run([{"call": "autopar.bench_accuracy:measure", "kwargs": kwargs}], timeout=1800)
+                if "error" in got:
+                    raise RuntimeError(f"{case.label} on {world} ranks: {got['error']}\n{got.get('traceback', '')}")
+                worst = max(range(world), key=lambda r: got["measured_memory"][r])
+                rows.append(AccuracyRow(case=case, plan=got["plan"], predicted_time=got["predicted_time"],
+                                        measured_time=got["measured_time"],
+                                        predicted_memory=got["predicted_memory"][worst],
+                                        measured_memory=got["measured_memory"][worst]))
+                if progress is not None:
+                    progress(rows[-1])
+    return rows
+
+
+def kendall_tau(xs: list[float], ys: list[float], groups: list | None = None) -> float:
+    """Kendall's τ-a of two rankings: (concordant − discordant) / pairs, over the pairs in the same
+    group when `groups` is given (pairs tied in either ranking count as neither)."""
+    if len(xs) != len(ys):
+        raise ValueError(f"kendall_tau: found {len(xs)} and {len(ys)} values, required as many of each")
+    score = pairs = 0
+    for i in range(len(xs)):
+        for j in range(i + 1, len(xs)):
+            if groups is not None and groups[i] != groups[j]:
+                continue
+            pairs += 1
+            sign = (xs[i] - xs[j]) * (ys[i] - ys[j])
+            score += (sign > 0) - (sign < 0)
+    if pairs == 0:
+        raise ValueError("kendall_tau: found no pairs to compare, required at least two plans in one group")
+    return score / pairs
+
+
+def accuracy_summary(rows: list[AccuracyRow]) -> dict[str, float]:
+    predicted = [r.predicted_time for r in rows]
+    measured = [r.measured_time for r in rows]
+    groups = [(r.case.model, r.case.world) for r in rows]
+    return {"time_median": statistics.median(r.time_error for r in rows),
+            "time_worst": max(r.time_error for r in rows),
+            "memory_median": statistics.median(r.memory_error for r in rows),
+            "memory_worst": max(r.memory_error for r in rows),
+            "tau": kendall_tau(predicted, measured),
+            "tau_within": kendall_tau(predicted, measured, groups)}
+
+
+def accuracy_table(rows: list[AccuracyRow]) -> str:
+    from autopar.units import fmt_bytes, fmt_seconds
+
+    lines = ["| model | ranks | plan | predicted step | measured step | error | predicted memory | measured memory | "
+             "error |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.case.label} | {r.case.world} | {r.plan} | {fmt_seconds(r.predicted_time)} | "
+                     f"{fmt_seconds(r.measured_time)} | {r.time_error:.1%} | {fmt_bytes(r.predicted_memory)} | "
+                     f"{fmt_bytes(r.measured_memory)} | {r.memory_error:.1%} |")
+    s = accuracy_summary(rows)
+    lines += ["", "| | median error | worst error | goal |", "|---|---|---|---|",
+              f"| step time | {s['time_median']:.1%} | {s['time_worst']:.1%} | median ≤ 10% |",
+              f"| peak memory | {s['memory_median']:.1%} | {s['memory_worst']:.1%} | median ≤ 5% |",
+              "", f"Kendall τ of the step-time ranking: {s['tau']:.2f} over all {len(rows)} plans, "
+              f"{s['tau_within']:.2f} over pairs of the same model and world size (goal ≥ 0.8)."]
+    return "\n".join(lines)
