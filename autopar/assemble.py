@@ -13,7 +13,7 @@ import hashlib
 
 from autopar.graph import CapturedGraph
 from autopar.plan import CollectiveRecord, Cost, NodePlan, ParamPlan, Stage
-from autopar.vocab import R
+from autopar.vocab import R, shard_count
 from autopar.passes.ilp import ShardingSolution
 from autopar.passes.rules import tensor_args
 from autopar.passes.sharding import ShardingProblem
@@ -85,12 +85,39 @@ def stage(problem: ShardingProblem, solution: ShardingSolution, *, index: int = 
     dtype = "fp32" if problem.options.precision == "fp32" else problem.options.precision
     model_flops = ctx.captured.flops + ctx.captured.backward_flops
     step_time = solution.step_time
+    workspace = backward_workspace(ctx.captured, nodes, problem.mesh.shape)
     cost = Cost(step_time=step_time, compute=totals["compute"], communication=totals["comm"] + edge_time,
-                optimizer=totals["optimizer"], peak_memory=solution.memory, activations=totals["activations"],
+                optimizer=totals["optimizer"], peak_memory=solution.memory + workspace,
+                activations=totals["activations"] + workspace,
                 parameter_state=totals["state"],
                 mfu=model_flops / step_time / (devices * problem.cluster.device.peak(dtype)) if step_time else 0.0)
     span = layers or (0, len(ctx.captured.layers))
     return Stage(index=index, layers=span, mesh=problem.mesh, nodes=nodes, params=params, cost=cost), records
+
+
+def backward_workspace(captured: CapturedGraph, nodes: dict[str, NodePlan], mesh_shape) -> float:
+    """Bytes per device that one backward op holds beyond the saved activations: the gradient of its
+    output and the gradients it makes for its inputs, local shards, the largest over the ops.
+
+    A training step peaks in backward, where every saved activation is still alive when the first
+    ops (the loss, the LM head: the largest tensors of a language model) hold their gradients, so
+
+        peak = training state + saved activations + max over ops (grad of output + grads of inputs)
+
+    (measured so on local ranks with `runtime.memory.LiveMemory`: `autopar bench accuracy`). The
+    sharding ILP leaves this term to its workspace margin (`ShardingOptions.workspace`)."""
+    most = 0.0
+    for name, plan in nodes.items():
+        info = captured.nodes.get(name)
+        if info is None or not info.requires_grad or info.output is None or not plan.outputs:
+            continue
+        held = info.output.nbytes / shard_count(plan.outputs[0], mesh_shape)
+        for j, arg in enumerate(plan.args):
+            producer = captured.nodes.get(arg)
+            if producer is not None and producer.requires_grad and producer.output is not None and j < len(plan.inputs):
+                held += producer.output.nbytes / shard_count(plan.inputs[j], mesh_shape)
+        most = max(most, held)
+    return most
 
 
 def _collectives(problem: ShardingProblem, solution: ShardingSolution, nodes: dict[str, NodePlan],

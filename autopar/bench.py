@@ -101,6 +101,9 @@ class PlannerRow:
     mesh: tuple[int, ...]
     step_time: float
     mfu: float
+    baseline: str = ""
+    """The fastest hand-written strategy under the same cost model, and its step time."""
+    baseline_time: float | None = None
 
 
 def planner_benchmark(cases=PLANNER_CASES, *, precision: str = "bf16") -> list[PlannerRow]:
@@ -121,20 +124,27 @@ def planner_benchmark(cases=PLANNER_CASES, *, precision: str = "bf16") -> list[P
         meshes = [LogicalMesh.build(cluster, case.mesh)] if case.mesh else None
         plan = plan_graph(graph, cluster, model_name=case.model, precision=precision, meshes=meshes)
         done = time.perf_counter()
+        named = [b for b in plan.baselines if b.step_time is not None]
+        best = min(named, key=lambda b: b.step_time, default=None)
         rows.append(PlannerRow(case=case, capture_seconds=captured - start, plan_seconds=done - captured,
                                variables=plan.search.variables, constraints=plan.search.constraints,
                                status=plan.search.status, mesh=plan.stages[0].mesh.shape,
-                               step_time=plan.cost.step_time, mfu=plan.cost.mfu))
+                               step_time=plan.cost.step_time, mfu=plan.cost.mfu,
+                               baseline=f"{best.strategy} on {'×'.join(map(str, best.mesh))}" if best else "none fits",
+                               baseline_time=best.step_time if best else None))
     return rows
 
 
 def planner_table(rows: list[PlannerRow]) -> str:
     lines = ["| case | batch | build + capture (s) | plan (s) | total (s) | ILP variables | constraints | "
-             "status | mesh | predicted step | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "status | mesh | predicted step | MFU | fastest hand-written | its step / auto's |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        ratio = f"{r.baseline_time / r.step_time:.2f}" if r.baseline_time else "-"
         lines.append(f"| {r.case.label} | {r.case.batch} | {r.capture_seconds:.1f} | {r.plan_seconds:.1f} | "
                      f"{r.capture_seconds + r.plan_seconds:.1f} | {r.variables} | {r.constraints} | {r.status} | "
-                     f"{'×'.join(map(str, r.mesh))} | {fmt_seconds(r.step_time)} | {r.mfu:.1%} |")
+                     f"{'×'.join(map(str, r.mesh))} | {fmt_seconds(r.step_time)} | {r.mfu:.1%} | {r.baseline} | "
+                     f"{ratio} |")
     return "\n".join(lines)
 
 

@@ -80,6 +80,8 @@ def measure(*, model: str, batch: int, strategy: str, pipeline: dict | None, ove
 
     entry = models.get(model)
     batch_args = overrides
+    with LiveMemory() as before:  # what this process already holds (earlier cases' leftovers): not this plan's
+        pass
     net = entry.build(seed=0, **overrides)
     inputs, target = entry.example_batch(batch, seed=0, **batch_args)
     compiled = autopar.compile(net, Cluster.from_json(cluster), example_inputs=inputs, loss_fn=entry.loss_fn,
@@ -103,7 +105,7 @@ def measure(*, model: str, batch: int, strategy: str, pipeline: dict | None, ove
         with LiveMemory() as live:
             compiled.step(*x, target=y)
         peaks = [None] * dist.get_world_size()
-        dist.all_gather_object(peaks, live.peak)
+        dist.all_gather_object(peaks, live.peak - before.start)
         plan = compiled.plan
         return {"predicted_time": plan.cost.step_time, "measured_time": statistics.median(times), "times": times,
                 "predicted_memory": [_my_stage_memory(plan, r) for r in range(dist.get_world_size())],

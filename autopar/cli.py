@@ -110,8 +110,15 @@ def _bench(args: argparse.Namespace) -> int:
     from autopar import bench
 
     if args.suite == "planner":
+        from autopar import bench_runtime
+
         table = bench.planner_table(bench.planner_benchmark())
-        print(f"autopar.plan, capture included; {bench.machine()}\n\n{table}")
+        print(f"autopar.plan, capture included, against the fastest hand-written strategy (dp, ZeRO, FSDP, tp, "
+              f"dp+tp, sp) under the same cost model; {bench.machine()}\n\n{table}", flush=True)
+        measured = bench_runtime.runtime_table(bench_runtime.runtime_benchmark(rounds=args.rounds, steps=args.steps))
+        print(f"\nmeasured side by side on local gloo ranks: median seconds per AdamW step, {args.rounds} rounds "
+              f"of {args.steps} steps\n\n{measured}")
+        table += "\n\n" + measured
     elif args.suite == "pipeline":
         table = bench.pipeline_table(bench.pipeline_benchmark())
         print(f"auto (pipeline stages searched) against the Megatron-LM grid, same cost model; search time "
@@ -250,9 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=_clusters)
 
+    _add_bench(sub)
+    _add_demo(sub)
+    return parser
+
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks, printed as markdown tables",
                        description="Benchmarks. `capture`: build zoo models on meta and time their capture. "
-                                   "`planner`: time autopar.plan on GPT-3 175B (1024 H100) and Llama-3 8B (64 H100). "
+                                   "`planner`: time autopar.plan on GPT-3 175B (1024 H100) and Llama-3 8B (64 H100) "
+                                   "against the hand-written strategies, then auto against DDP, FSDP2 and TP "
+                                   "(parallelize_module) measured on local ranks. "
                                    "`pipeline`: auto with pipeline stages against the best Megatron-LM dp×tp×pp "
                                    "configuration, 8 to 1024 GPUs. "
                                    "`accuracy`: predicted against measured step time and memory of 16 plans on "
@@ -273,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="accuracy: profile with fewer measurements")
     p.set_defaults(run=_bench)
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="plan GPT-3 175B for 1024 H100, then train a tiny GPT on 4 local ranks",
                        description="The tour: plan GPT-3 175B on a simulated 1024-GPU H100 cluster and print "
                                    "the plan; train a tiny GPT on local ranks with its auto plan and check its "
@@ -284,7 +301,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_demo)
     profiler.add_parser(sub)
     viz_command.add_parser(sub)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import io
 import logging
+import math
 import multiprocessing as mp
 import os
 import socket
@@ -61,16 +62,20 @@ class Settings:
     message_sizes: tuple[int, ...]
     """Bytes."""
     repeats: int
+    sample: float = 0.0
+    """Least seconds one timed sample of a kernel lasts. CPU ranks sharing cores are time-sliced
+    by the OS in slices of milliseconds: a shorter sample may run alone on a core and miss the
+    sharing that a training step sees."""
 
     @classmethod
     def make(cls, *, quick: bool, cuda: bool) -> Settings:
         if quick:
             return cls(sides=(256, 1024, 4096) if cuda else (64, 256, 1024), matmul_budget=0.02,
                        stream_elements=(64 if cuda else 16) * MiB, repeats=5,
-                       message_sizes=(4 * KiB, 32 * KiB, 256 * KiB, 2 * MiB))
+                       message_sizes=(4 * KiB, 32 * KiB, 256 * KiB, 2 * MiB), sample=0.0 if cuda else 0.02)
         return cls(sides=(256, 1024, 2048, 4096, 8192) if cuda else (64, 128, 256, 512, 1024, 2048, 4096),
                    matmul_budget=0.3, stream_elements=(256 if cuda else 32) * MiB,
-                   message_sizes=tuple(4 * KiB * 4 ** i for i in range(8)), repeats=5)
+                   message_sizes=tuple(4 * KiB * 4 ** i for i in range(8)), repeats=5, sample=0.0 if cuda else 0.05)
 
 
 def _sync(device: torch.device) -> None:
@@ -78,11 +83,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn, device: torch.device, *, repeats: int, inner: int = 1, warmup: int = 1, before=None) -> float:
-    """Seconds per call of `fn`: the median over `repeats` of `inner` calls in a row, after `warmup`
-    calls; `before` (a barrier) runs ahead of each repeat, outside the time. CUDA events on a GPU."""
+def median_seconds(fn, device: torch.device, *, repeats: int, inner: int = 1, warmup: int = 1, before=None,
+                   sample: float = 0.0) -> float:
+    """Seconds per call of `fn`: the median over `repeats` of `inner` calls in a row (more, so that
+    each repeat lasts `sample` seconds), after `warmup` calls; `before` (a barrier) runs ahead of
+    each repeat, outside the time. CUDA events on a GPU."""
     for _ in range(warmup):
+        _sync(device)
+        begin = time.perf_counter()
         fn()
+        _sync(device)
+        once = time.perf_counter() - begin
+    if sample > 0 and warmup > 0:
+        inner = max(inner, math.ceil(sample / max(once, 1e-9)))
     times = []
     for _ in range(repeats):
         if before is not None:
@@ -144,7 +157,7 @@ def measure_matmul(settings: Settings, device: torch.device, dtypes: list[str],
             _sync(device)
             inner = max(1, min(100, int(1e-3 / max(time.perf_counter() - begin, 1e-9))))
             seconds = _max_over_ranks([median_seconds(lambda: torch.mm(a, b), device, repeats=settings.repeats,
-                                                      inner=inner)], device)[0]
+                                                      inner=inner, sample=settings.sample)], device)[0]
             rates.append(MatmulRate(dtype=dtype, m=s, k=s, n=s, rate=2.0 * s ** 3 / seconds))
             following = settings.sides[i + 1] if i + 1 < len(settings.sides) else None
             if following is not None and seconds * (following / s) ** 3 > settings.matmul_budget:
@@ -160,7 +173,8 @@ def measure_memory(settings: Settings, device: torch.device, progress: Bar) -> t
     progress.advance("memory bandwidth")
     a, b = (torch.ones(settings.stream_elements, device=device) for _ in range(2))
     out = torch.empty_like(a)
-    seconds = median_seconds(lambda: torch.add(a, b, out=out), device, repeats=settings.repeats)
+    seconds = median_seconds(lambda: torch.add(a, b, out=out), device, repeats=settings.repeats,
+                             sample=settings.sample)
     progress.advance("kernel overhead")
     w, c, grad = (torch.ones(1, device=device, requires_grad=i == 0) for i in range(3))
 
@@ -170,7 +184,7 @@ def measure_memory(settings: Settings, device: torch.device, progress: Bar) -> t
             x = torch.mul(x, c)
         x.backward(grad)
 
-    tiny = median_seconds(chain, device, repeats=settings.repeats, inner=10) / 64
+    tiny = median_seconds(chain, device, repeats=settings.repeats, inner=10, sample=settings.sample) / 64
     seconds, tiny = _max_over_ranks([seconds, tiny], device)
     return 3 * a.numel() * a.element_size() / seconds, tiny
 

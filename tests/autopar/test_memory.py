@@ -112,3 +112,23 @@ def test_checkpointing_at_layer_boundaries():
     assert layers.boundaries == 10 * 3 * (4 * 16) * 32 * 4
     assert layers.recompute_peak * 3 == pytest.approx(10 * (none.saved - none.outside_layers), rel=1e-9)
     assert layers.total < 10 * none.total
+
+
+def test_backward_workspace_is_the_loss_gradients_of_a_language_model():
+    """gpt-tiny on one device: the largest backward working set is log-softmax's, the gradient of
+    its output and of its input, each the size of the logits (batch 8 × 16 tokens × 128 words, fp32);
+    the plan's peak adds it to the state and saved activations."""
+    import autopar
+    from autopar import models
+    from autopar.assemble import backward_workspace
+    from autopar.capture import capture
+
+    entry = models.get("gpt-tiny")
+    model = entry.build(device="meta")
+    inputs, target = entry.example_batch(8, device="meta")
+    graph = capture(model, inputs, loss_fn=entry.loss_fn, target=target)
+    plan = autopar.plan(model, autopar.Cluster.preset("cpu", gpus_per_node=1), example_inputs=inputs,
+                        loss_fn=entry.loss_fn, target=target, strategy="dp")
+    logits = 8 * 16 * 128 * 4
+    assert backward_workspace(graph, plan.stages[0].nodes, plan.stages[0].mesh.shape) == 2 * logits
+    assert plan.cost.peak_memory >= plan.cost.parameter_state + 2 * logits
