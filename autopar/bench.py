@@ -22,7 +22,7 @@ import torch
 
 from autopar.capture import capture
 from autopar.cluster import Cluster
-from autopar.units import fmt_count, fmt_flops, fmt_seconds
+from autopar.units import fmt_count, fmt_flops, fmt_seconds, markdown_table
 from autopar.vocab import LogicalMesh
 
 
@@ -63,12 +63,10 @@ def machine() -> str:
 
 
 def capture_table(rows: list[CaptureRow]) -> str:
-    lines = ["| model | parameters | ATen ops | layers (distinct) | forward FLOPs | build (s) | capture (s) |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.model} | {fmt_count(r.params)} | {r.ops} | {r.layers} ({r.distinct_layers}) | "
-                     f"{fmt_flops(r.forward_flops)} | {r.build_seconds:.2f} | {r.capture_seconds:.2f} |")
-    return "\n".join(lines)
+    header = ["model", "parameters", "ATen ops", "layers (distinct)", "forward FLOPs", "build (s)", "capture (s)"]
+    return markdown_table(header, [[r.model, fmt_count(r.params), str(r.ops), f"{r.layers} ({r.distinct_layers})",
+                                     fmt_flops(r.forward_flops), f"{r.build_seconds:.2f}", f"{r.capture_seconds:.2f}"]
+                                    for r in rows])
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,16 +134,13 @@ def planner_benchmark(cases=PLANNER_CASES, *, precision: str = "bf16") -> list[P
 
 
 def planner_table(rows: list[PlannerRow]) -> str:
-    lines = ["| case | batch | build + capture (s) | plan (s) | total (s) | ILP variables | constraints | "
-             "status | mesh | predicted step | MFU | fastest hand-written | its step / auto's |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ratio = f"{r.baseline_time / r.step_time:.2f}" if r.baseline_time else "-"
-        lines.append(f"| {r.case.label} | {r.case.batch} | {r.capture_seconds:.1f} | {r.plan_seconds:.1f} | "
-                     f"{r.capture_seconds + r.plan_seconds:.1f} | {r.variables} | {r.constraints} | {r.status} | "
-                     f"{'×'.join(map(str, r.mesh))} | {fmt_seconds(r.step_time)} | {r.mfu:.1%} | {r.baseline} | "
-                     f"{ratio} |")
-    return "\n".join(lines)
+    header = ["case", "batch", "build + capture (s)", "plan (s)", "total (s)", "ILP variables", "constraints", "status",
+              "mesh", "predicted step", "MFU", "fastest hand-written", "its step / auto's"]
+    return markdown_table(header, [[
+        r.case.label, str(r.case.batch), f"{r.capture_seconds:.1f}", f"{r.plan_seconds:.1f}",
+        f"{r.capture_seconds + r.plan_seconds:.1f}", str(r.variables), str(r.constraints), r.status,
+        "×".join(map(str, r.mesh)), fmt_seconds(r.step_time), f"{r.mfu:.1%}", r.baseline,
+        f"{r.baseline_time / r.step_time:.2f}" if r.baseline_time else "-"] for r in rows])
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +196,7 @@ def pipeline_benchmark(cases=PIPELINE_CASES) -> list[PipelineRow]:
         cluster = Cluster.preset(case.preset, nodes=case.nodes)
         try:
             plan = plan_graph(graph, cluster, model_name=case.model, precision=case.precision, pipeline=True)
-            auto_step, auto_plan = plan.cost.step_time, _describe(plan)
+            auto_step, auto_plan = plan.cost.step_time, describe(plan)
         except InfeasibleError:
             auto_step, auto_plan = float("inf"), "nothing fits"
         seconds = time.perf_counter() - start
@@ -213,7 +208,7 @@ def pipeline_benchmark(cases=PIPELINE_CASES) -> list[PipelineRow]:
     return rows
 
 
-def _describe(plan) -> str:
+def describe(plan) -> str:
     p = len(plan.stages) // plan.schedule.virtual
     meshes = sorted({"×".join(map(str, s.mesh.shape)) for s in plan.stages})
     if p == 1 and plan.schedule.kind == "none":

@@ -74,6 +74,7 @@ def measure(*, model: str, batch: int, strategy: str, pipeline: dict | None, ove
     Returns the plan's predictions and, per rank, the measurements."""
     import autopar
     from autopar import models
+    from autopar.bench import describe
     from autopar.cluster import Cluster
     from autopar.passes.split import PipelineSpec
     from autopar.runtime.memory import LiveMemory
@@ -109,17 +110,9 @@ def measure(*, model: str, batch: int, strategy: str, pipeline: dict | None, ove
         plan = compiled.plan
         return {"predicted_time": plan.cost.step_time, "measured_time": statistics.median(times), "times": times,
                 "predicted_memory": [_my_stage_memory(plan, r) for r in range(dist.get_world_size())],
-                "measured_memory": peaks, "plan": _describe(plan)}
+                "measured_memory": peaks, "plan": describe(plan)}
     finally:
         compiled.close()
-
-
-def _describe(plan) -> str:
-    stages = plan.stages
-    meshes = ", ".join("×".join(map(str, s.mesh.shape)) for s in stages)
-    if len(stages) == 1:
-        return f"mesh {meshes}"
-    return f"{len(stages)} stages ({meshes}), {plan.schedule.kind}, {plan.schedule.microbatches} microbatches"
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,14 +193,13 @@ def accuracy_summary(rows: list[AccuracyRow]) -> dict[str, float]:
 
 
 def accuracy_table(rows: list[AccuracyRow]) -> str:
-    from autopar.units import fmt_bytes, fmt_seconds
+    from autopar.units import fmt_bytes, fmt_seconds, markdown_table
 
-    lines = ["| model | ranks | plan | predicted step | measured step | error | predicted memory | measured memory | "
-             "error |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.case.label} | {r.case.world} | {r.plan} | {fmt_seconds(r.predicted_time)} | "
-                     f"{fmt_seconds(r.measured_time)} | {r.time_error:.1%} | {fmt_bytes(r.predicted_memory)} | "
-                     f"{fmt_bytes(r.measured_memory)} | {r.memory_error:.1%} |")
+    header = ["model", "ranks", "plan", "predicted step", "measured step", "error", "predicted memory",
+              "measured memory", "error"]
+    lines = [markdown_table(header, [[r.case.label, str(r.case.world), r.plan, fmt_seconds(r.predicted_time),
+                                      fmt_seconds(r.measured_time), f"{r.time_error:.1%}", fmt_bytes(r.predicted_memory),
+                                      fmt_bytes(r.measured_memory), f"{r.memory_error:.1%}"] for r in rows])]
     s = accuracy_summary(rows)
     lines += ["", "| | median error | worst error | goal |", "|---|---|---|---|",
               f"| step time | {s['time_median']:.1%} | {s['time_worst']:.1%} | median ≤ 10% |",

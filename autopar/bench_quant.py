@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from autopar.quant.modules import SCHEMES, QuantizedLinear, quantize_model, quantized_bytes, replaced_linears
-from autopar.units import fmt_bytes
+from autopar.units import fmt_bytes, markdown_table
 
 MODEL = dict(n_layers=4, d_model=128, n_heads=4, d_head=32, vocab_size=256, seq_len=128)
 """Overrides of the zoo's gpt-tiny: every Linear has 128 or 512 inputs, so int4-g128 applies."""
@@ -139,12 +139,9 @@ def accuracy_benchmark(steps: int = 600, *, batch_size: int = 16, corpus_bytes: 
 
 
 def accuracy_table(rows: list[AccuracyRow]) -> str:
-    lines = ["| format | training steps | Linear weights | bits per weight | held-out perplexity | vs fp32 |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.format} | {r.steps} | {fmt_bytes(r.weight_bytes)} | {r.bits_per_weight:.3g} | "
-                     f"{r.perplexity:.4f} | {r.ratio - 1:+.2%} |")
-    return "\n".join(lines)
+    header = ["format", "training steps", "Linear weights", "bits per weight", "held-out perplexity", "vs fp32"]
+    return markdown_table(header, [[r.format, str(r.steps), fmt_bytes(r.weight_bytes), f"{r.bits_per_weight:.3g}",
+                                     f"{r.perplexity:.4f}", f"{r.ratio - 1:+.2%}"] for r in rows])
 
 
 @dataclass(frozen=True, slots=True)

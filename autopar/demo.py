@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def train(*, model: str, steps: int, batch: int, lr: float, overrides: dict) -> 
     losses = []
     try:
         with Bar(steps, f"training {model} on {compiled.plan.num_devices} ranks",
-                 stream=sys.stderr if rank == 0 else open("/dev/null", "w")) as bar:
+                 stream=sys.stderr if rank == 0 else io.StringIO()) as bar:
             for step in range(steps):
                 x, y = entry.example_batch(batch, seed=step, **overrides)
                 losses.append(compiled.step(*x, target=y).item())

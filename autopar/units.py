@@ -34,3 +34,9 @@ def fmt_seconds(s: float) -> str:
     if s < 86400 * 2:
         return f"{s / 3600:.3g} h"
     return f"{s / 86400:.3g} days"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub markdown table: the header row, its rule, then one line per row of cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
