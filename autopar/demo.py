@@ -88,9 +88,13 @@ def plan_large(name: str = "gpt3-175b", nodes: int = 128, batch: int = 1024):
 def run(out: str = "autopar-demo", nproc: int = 4, steps: int = 20, model: str = "gpt-tiny", batch: int = 16,
         lr: float = 1e-3, large: bool = True) -> int:
     """The demo; returns the exit status (1 when the losses disagree)."""
+    from autopar.errors import AutoparError
     from autopar.plan import Plan
     from autopar.testing import RankPool
 
+    for name, value in (("nproc", nproc), ("steps", steps)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name}: found {value!r}, required an integer >= 1")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     reports = []
@@ -106,7 +110,7 @@ def run(out: str = "autopar-demo", nproc: int = 4, steps: int = 20, model: str =
     with RankPool(nproc) as pool:
         (got,) = pool.run([{"call": "autopar.demo:train", "kwargs": kwargs}], timeout=1800)
     if "error" in got:
-        raise RuntimeError(f"training on {nproc} ranks failed: {got['error']}\n{got.get('traceback', '')}")
+        raise AutoparError(f"training on {nproc} ranks failed: {got['error']}\n{got.get('traceback', '')}")
     small = Plan.from_json(got["plan"])
     small.save(root / f"{model}.plan.json")
     reports.append((model, small))

@@ -13,3 +13,8 @@ def test_demo_trains_on_local_ranks_like_one_process_and_writes_the_report(tmp_p
     assert plan.num_devices == 2
     report = (tmp_path / "gpt-tiny" / "report.html").read_text()
     assert "<svg" in report and plan.model in report
+
+
+def test_demo_refuses_no_ranks(capsys):
+    assert cli.main(["demo", "--nproc", "0", "--skip-large"]) == 2
+    assert "--nproc: found 0, required an integer >= 1" in capsys.readouterr().err
