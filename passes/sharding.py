@@ -22,6 +22,7 @@ from autopar.cluster import Cluster
 from autopar.cost.comm import CommModel
 from autopar.cost.compute import DTYPE_NAMES
 from autopar.cost.memory import state_bytes_per_param
+from autopar.cost.ops import op_times
 from autopar.graph import CapturedGraph
 from autopar.vocab import R, LogicalMesh, Placements, shard_count
 from autopar.passes.reshard import Resharder
@@ -109,10 +110,15 @@ class Context:
     profile: object
     """The cluster's `Profile`, or None."""
     options: ShardingOptions
+    ops: object
+    """`cost.ops.OpTimes` measured on this machine for a profiled cluster, or None."""
     fx_nodes: dict
     unit_of: dict[str, int] = field(default_factory=dict)
     owner: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     """Parameter placeholder → (unit, member position, argument position) of its first use."""
+    layer_mates: dict[str, int] = field(default_factory=dict)
+    """Parameter placeholder → trainable parameters first used in its layer (itself included): a
+    sharded one is gathered and reduced with them in one flat collective (`runtime.groups`)."""
 
     def nbytes(self, name: str) -> float:
         return self.captured.nodes[name].output.nbytes
@@ -130,8 +136,9 @@ def build_problem(captured: CapturedGraph, mesh: LogicalMesh, cluster: Cluster,
     units, unit_of = build_units(captured, graph_roles)
     ctx = Context(captured=captured, roles=graph_roles, mesh=mesh, resharder=Resharder(mesh, CommModel(cluster)),
                   device=cluster.device, profile=cluster.profile, options=options,
-                  fx_nodes={n.name: n for n in captured.program.graph.nodes}, unit_of=unit_of)
+                  ops=op_times(captured, cluster.profile, options.optimizer), fx_nodes={n.name: n for n in captured.program.graph.nodes}, unit_of=unit_of)
     _find_owners(ctx, units)
+    _count_layer_mates(ctx)
     counts: dict[int, int] = {}
     for unit in units:
         counts[unit.canonical] = counts.get(unit.canonical, 0) + 1
@@ -156,6 +163,27 @@ def _find_owners(ctx: Context, units: list[Unit]) -> None:
             for j, arg in enumerate(tensor_args(ctx.fx_nodes[name])):
                 if arg.name in ctx.roles.params and arg.name not in ctx.owner:
                     ctx.owner[arg.name] = (unit.index, m, j)
+
+
+def _count_layer_mates(ctx: Context) -> None:
+    """`Context.layer_mates`, with the runtime's grouping: by layer of first use, the parameters
+    used before the first layer one group and those after the last another."""
+    starts = {layer.nodes[0] for layer in ctx.captured.layers}
+    where, seen_layer = {}, False
+    for name, node in ctx.fx_nodes.items():
+        seen_layer = seen_layer or name in starts
+        if node.op != "call_function" or name not in ctx.captured.nodes:
+            continue
+        for arg in tensor_args(node):
+            param = ctx.roles.params.get(arg.name)
+            if param is None or arg.name in where or not ctx.captured.params[param].requires_grad:
+                continue
+            layer = ctx.captured.nodes[name].layer
+            where[arg.name] = layer if layer is not None else ("after" if seen_layer else "before")
+    sizes: dict = {}
+    for key in where.values():
+        sizes[key] = sizes.get(key, 0) + 1
+    ctx.layer_mates.update({placeholder: sizes[key] for placeholder, key in where.items()})
 
 
 def _first_options(ctx: Context, unit: Unit) -> list[NodeSharding]:
@@ -220,7 +248,8 @@ def _price_members(ctx: Context, unit: Unit, strategy: Strategy) -> None:
         dtype = DTYPE_NAMES.get(info.output.dtype, "fp32") if info.output is not None else "fp32"
         if dtype not in ("fp32", "bf16", "fp16"):
             dtype = "fp32"
-        strategy.compute += local_time(info, sharding, shape, ctx.device, dtype, ctx.profile)
+        measured = ctx.ops.nodes.get(name) if ctx.ops is not None else None
+        strategy.compute += local_time(info, sharding, shape, ctx.device, dtype, ctx.profile, measured)
         strategy.activations += saved_memory(info, sharding, shape)
         for axis, kind in enumerate(sharding.kinds):
             if kind in _INTERNAL:
@@ -302,11 +331,18 @@ def _price_param(ctx: Context, strategy: Strategy, name: str, arg, held: ParamSh
                    ("backward", held.storage, held.use, numel * w_bytes, "gathers")]
     for phase, src, dst, nbytes, part in phases:
         for c in ctx.resharder.collectives(src, dst, nbytes):
+            latency = ctx.resharder.comm.time(c.kind, 0.0, ctx.mesh.group(c.axis))
             if held.level == 0:  # bucketed with the others (runtime.sync): the latency is paid per bucket
-                c = dataclasses.replace(c, time=c.time - ctx.resharder.comm.time(c.kind, 0.0, ctx.mesh.group(c.axis)))
+                c = dataclasses.replace(c, time=c.time - latency)
+            else:  # one flat collective per layer (runtime.groups): each member pays its share of the latency
+                mates = ctx.layer_mates.get(arg.name, 1)
+                c = dataclasses.replace(c, time=c.time - latency * (1 - 1 / mates))
             strategy.comm += c.time
             setattr(strategy, part, getattr(strategy, part) + c.time)
             strategy.collectives.append((name, phase, c))
+    if ctx.ops is not None and ctx.ops.update is not None:  # the optimizer's step timed on the device
+        strategy.optimizer += update * ctx.ops.update
+        return
     touched = 2 * (w_bytes + state_bytes) + g_bytes  # read and write weights and state, read gradients
     device = ctx.device
     strategy.optimizer += update * touched / (device.memory_bandwidth * device.bandwidth_efficiency)

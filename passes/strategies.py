@@ -185,12 +185,19 @@ def saved_memory(node_info, sharding: NodeSharding, mesh_shape) -> float:
     return (node_info.saved_bytes - internal) / out_parts + internal / parts(sharding, mesh_shape)
 
 
-def local_time(node_info, sharding: NodeSharding, mesh_shape, device, dtype: str, profile=None) -> float:
+def local_time(node_info, sharding: NodeSharding, mesh_shape, device, dtype: str, profile=None,
+               measured: tuple[float, float] | None = None) -> float:
     """Forward + backward of one node on its shard: the work divided where the op splits it
-    (`cost.compute.kernel_time`: the roofline, or the cluster's profile when it has one)."""
+    (`cost.compute.kernel_time`: the roofline, or the cluster's profile when it has one). `measured`:
+    the node's whole (forward, backward) seconds timed on the device (`cost.ops`); its share is then
+    o + (t − o) / parts, o the profile's kernel overhead (paid whole by every part)."""
     if node_info.flops == 0 and node_info.bytes_moved == 0:
         return 0.0
     parts_ = parts(sharding, mesh_shape)
+    if measured is not None:
+        o = profile.kernel_overhead if profile is not None else 0.0
+        share = [o + max(t - o, 0.0) / parts_ if t > 0 else 0.0 for t in measured]
+        return share[0] + (share[1] if node_info.requires_grad else 0.0)
     forward = kernel_time(node_info.flops / parts_, node_info.bytes_moved / parts_, device, dtype, profile)
     if not node_info.requires_grad:
         return forward

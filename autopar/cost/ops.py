@@ -1,0 +1,195 @@
+"""Measured op times: each node of a captured graph timed on this machine, forward and backward,
+and scaled to the profiled device.
+
+A profile's matmul rates and bandwidth price a kernel from its FLOPs and bytes (`cost.compute`);
+that misses what the rates do not see: a GELU's erf is compute-bound on a CPU, a linear's backward
+runs two matmuls with transposed operands, attention's softmax is several passes. When the
+cluster's profile was measured on a device of this machine's kind (gloo: a CPU; NCCL: a GPU here),
+the planner times every node of the graph instead, once per distinct (op, argument shapes and
+dtypes, constants), on random inputs of the node's shapes:
+
+    forward  = fastest time of the op
+    backward = fastest time of the op and its `torch.autograd.grad` − forward
+
+and scales both to the profiled device (other ranks share its cores there, not here):
+
+    t_device = t_here · r_here / r_profiled
+
+r is the 512×512×512 fp32 matmul rate for nodes that do FLOPs and the bandwidth of a large add for
+the rest, measured here at planning and taken from the profile. A node's share on `p` devices is
+o + (t − o) / p, o the profile's kernel overhead (`strategies.local_time`). Nodes too large to
+time here (over `_LARGEST` bytes or `_LONGEST` seconds predicted) and nodes whose op fails on
+random inputs keep the FLOPs-and-bytes price; so does every node once `budget` seconds are spent.
+
+The optimizer's update is timed the same way: one step of the plan's optimizer over `_ELEMENTS`
+parameters, giving seconds per updated element (`OpTimes.update`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils import _pytree as pytree
+
+from autopar.graph import CapturedGraph
+
+_LARGEST = 256 * 2 ** 20
+"""Bytes of a node's inputs and outputs beyond which it is not timed here."""
+_LONGEST = 0.05
+"""Seconds (the FLOPs-and-bytes estimate) beyond which a node is not timed here."""
+_ELEMENTS = 2 ** 21
+"""Parameters of the timed optimizer step."""
+_SAMPLE = 0.005
+"""Least seconds of one timed sample."""
+
+
+@dataclass(frozen=True, slots=True)
+class OpTimes:
+    """Seconds on the profiled device, per captured node: (forward, backward)."""
+
+    nodes: dict[str, tuple[float, float]] = field(default_factory=dict)
+    update: float | None = None
+    """Seconds per parameter element of one optimizer step; None when not timed."""
+    seconds: float = 0.0
+    """How long the timing took."""
+
+
+def measurable(profile) -> bool:
+    """Whether this machine has the kind of device `profile` was measured on."""
+    if profile is None:
+        return False
+    return profile.backend == "gloo" or (profile.backend == "nccl" and torch.cuda.is_available())
+
+
+_CACHE: dict[tuple, OpTimes] = {}
+
+
+def op_times(captured: CapturedGraph, profile, optimizer: str, *, budget: float = 20.0) -> OpTimes | None:
+    """The captured graph's measured op times (see the module docstring), or None when `profile` is
+    None or of a device this machine lacks. Timed once per graph, profile and optimizer."""
+    if not measurable(profile):
+        return None
+    from autopar.assemble import fingerprint
+
+    key = (fingerprint(captured), id(profile), optimizer)
+    if key not in _CACHE:
+        _CACHE[key] = _measure(captured, profile, optimizer, budget)
+    return _CACHE[key]
+
+
+def _measure(captured: CapturedGraph, profile, optimizer: str, budget: float) -> OpTimes:
+    start = time.perf_counter()
+    device = torch.device("cuda" if profile.backend == "nccl" else "cpu")
+    matmul_scale, memory_scale = _scales(profile, device)
+    times: dict[tuple, tuple[float, float] | None] = {}
+    out = {}
+    for node in captured.program.graph.nodes:
+        info = captured.nodes.get(node.name)
+        if node.op != "call_function" or info is None or (info.flops == 0 and info.bytes_moved == 0):
+            continue
+        if time.perf_counter() - start > budget or not _small(info, profile):
+            continue
+        key = _key(node)
+        if key not in times:
+            times[key] = _time_node(node, info.requires_grad, device)
+        if times[key] is not None:
+            scale = matmul_scale if info.flops else memory_scale
+            out[node.name] = (times[key][0] * scale, times[key][1] * scale)
+    update = _time_update(optimizer, device) * memory_scale if time.perf_counter() - start < budget else None
+    return OpTimes(nodes=out, update=update, seconds=time.perf_counter() - start)
+
+
+def _small(info, profile) -> bool:
+    held = info.bytes_moved + sum(o.nbytes for o in info.outputs)
+    rate = profile.large_matmul_rate("fp32") or 1e9
+    return held <= _LARGEST and (info.flops + info.backward_flops) / rate <= _LONGEST
+
+
+def _key(node: torch.fx.Node) -> tuple:
+    def describe(a):
+        if isinstance(a, torch.fx.Node):
+            v = a.meta.get("val")
+            return ("t", tuple(v.shape), str(v.dtype), tuple(v.stride())) if isinstance(v, torch.Tensor) else repr(v)
+        return repr(a)
+    return (str(node.target), tuple(describe(a) for a in pytree.tree_leaves((node.args, node.kwargs))))
+
+
+def _real(value, device: torch.device):
+    """A random tensor like the fake `value` (integer ones zero: valid indices and class targets)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.dtype.is_floating_point:
+        return torch.randn(value.shape, dtype=value.dtype, device=device)
+    return torch.zeros(value.shape, dtype=value.dtype, device=device)
+
+
+def _time_node(node: torch.fx.Node, requires_grad: bool, device: torch.device) -> tuple[float, float] | None:
+    """(forward, backward) seconds of the node's op on random inputs; None when it fails on them."""
+    real = lambda a: _real(a.meta.get("val"), device) if isinstance(a, torch.fx.Node) else a  # noqa: E731
+    args, kwargs = pytree.tree_map(real, (node.args, node.kwargs))
+    run = lambda: node.target(*args, **kwargs)  # noqa: E731
+    try:
+        forward = _fastest(run, device)
+        leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+                  and t.dtype.is_floating_point]
+        if not requires_grad or not leaves:
+            return forward, 0.0
+        for t in leaves:
+            t.requires_grad_(True)
+        outputs = [t for t in pytree.tree_leaves(run()) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not outputs:
+            return forward, 0.0
+        grads = [torch.randn_like(t) for t in outputs]
+
+        def both() -> None:
+            made = [t for t in pytree.tree_leaves(run()) if isinstance(t, torch.Tensor) and t.requires_grad]
+            torch.autograd.grad(made, leaves, grads, allow_unused=True)
+
+        return forward, max(_fastest(both, device) - forward, 0.0)
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        return None
+
+
+def _time_update(optimizer: str, device: torch.device) -> float:
+    """Seconds per element of one step of `optimizer` (torch's, default settings) over `_ELEMENTS`."""
+    param = torch.nn.Parameter(torch.randn(_ELEMENTS, device=device))
+    param.grad = torch.randn_like(param)
+    make = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+    if optimizer == "momentum":
+        step = torch.optim.SGD([param], lr=1e-3, momentum=0.9)
+    else:
+        step = make.get(optimizer, torch.optim.AdamW)([param], lr=1e-3)
+    return _fastest(step.step, device) / _ELEMENTS
+
+
+def _scales(profile, device: torch.device) -> tuple[float, float]:
+    """(matmul, memory) ratios r_here / r_profiled of the module docstring."""
+    side = min((r for r in profile.matmul if r.dtype == "fp32"), key=lambda r: abs(math.log2(r.m / 512)))
+    a, b = torch.randn(side.m, side.k, device=device), torch.randn(side.k, side.n, device=device)
+    here = side.flops / _fastest(lambda: torch.mm(a, b), device)
+    x, y = torch.ones(2 ** 23, device=device), torch.ones(2 ** 23, device=device)
+    z = torch.empty_like(x)
+    bandwidth = 3 * x.numel() * 4 / _fastest(lambda: torch.add(x, y, out=z), device)
+    return here / side.rate, bandwidth / profile.memory_bandwidth
+
+
+def _fastest(fn, device: torch.device, repeats: int = 7) -> float:
+    """Seconds per call of `fn`: the fastest of `repeats` samples, each `_SAMPLE` seconds or more of
+    calls in a row. The fastest, not the median: here the op runs alone, and whatever else the
+    machine is doing meanwhile only slows samples down (sharing with other ranks is the profile's
+    part, through the scale)."""
+    def timed(calls: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - begin) / calls
+
+    calls = max(1, math.ceil(_SAMPLE / max(timed(1), 1e-9)))
+    return min(timed(calls) for _ in range(repeats))
