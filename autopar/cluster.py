@@ -16,8 +16,9 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from autopar.files import parse_json, read_json, write_atomic
 
 if TYPE_CHECKING:
     from autopar.cost.profile import Profile
@@ -65,6 +66,8 @@ class DeviceSpec:
     """One accelerator (or one CPU rank)."""
 
     name: str
+    """Free text, shown in summaries: a device is its figures, so a cluster file may describe any
+    device, not only the presets' (`autopar.presets`)."""
     memory: int
     """Device memory in bytes."""
     peak_flops: PeakFlops
@@ -201,8 +204,8 @@ class Cluster:
         """Builds a Cluster from plain data, field by field; wrong types and unknown fields raise."""
         fields = _read_fields("Cluster", data, cls)
         fields["device"] = _device_from_dict(fields["device"])
-        fields["intra_node"] = Link(**_read_fields("Cluster.intra_node", fields["intra_node"], Link))
-        fields["inter_node"] = Link(**_read_fields("Cluster.inter_node", fields["inter_node"], Link))
+        for name in ("intra_node", "inter_node"):
+            fields[name] = _make(f"Cluster.{name}", Link, fields[name])
         if fields.get("profile") is not None:
             from autopar.cost.profile import Profile
 
@@ -217,19 +220,17 @@ class Cluster:
         return cls.from_dict(parse_json(text, "cluster file"))
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        """Writes the JSON atomically (`autopar.files.write_atomic`)."""
+        write_atomic(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Cluster:
-        return cls.from_json(Path(path).read_text())
-
-
-def parse_json(text: str, what: str) -> Any:
-    """JSON text to data; malformed text is a ValueError saying which file it was meant to be."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what}: found malformed JSON ({e}), required a JSON object") from e
+        """Reads a file `save` wrote (JSON only; nothing in it is executed); errors name the file."""
+        data = read_json(path, "cluster file")
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"cluster file {path}: {e}") from None
 
 
 def _read_fields(owner: str, data: Any, kind: type) -> dict[str, Any]:
@@ -244,11 +245,21 @@ def _read_fields(owner: str, data: Any, kind: type) -> dict[str, Any]:
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [n for n in required if n not in data]
     if missing:
-        raise ValueError(f"{owner}: missing field(s) {missing}")
+        raise ValueError(f"{owner}: missing field(s) {missing}, required all of {required}")
     return dict(data)
+
+
+def _make(owner: str, kind: type, data: Any) -> Any:
+    """`kind` built from the dict `data` (as `_read_fields` reads it); its own checks' errors are
+    prefixed with `owner`, the path in the file: "Cluster.intra_node: Link.bandwidth: found -1.0, …"."""
+    fields = _read_fields(owner, data, kind)
+    try:
+        return kind(**fields)
+    except ValueError as e:
+        raise ValueError(f"{owner}: {e}") from None
 
 
 def _device_from_dict(data: Any) -> DeviceSpec:
     fields = _read_fields("Cluster.device", data, DeviceSpec)
-    fields["peak_flops"] = PeakFlops(**_read_fields("Cluster.device.peak_flops", fields["peak_flops"], PeakFlops))
-    return DeviceSpec(**fields)
+    fields["peak_flops"] = _make("Cluster.device.peak_flops", PeakFlops, fields["peak_flops"])
+    return _make("Cluster.device", DeviceSpec, fields)

@@ -5,11 +5,11 @@
                                optimizer=lambda ps: torch.optim.AdamW(ps, lr=3e-4))
     loss = compiled.step(tokens, target=targets)          # under torchrun, on every rank
 
-Steps, top to bottom:
+Steps, top to bottom (the arguments are checked first, before any process group is joined):
 1. join the torch.distributed world (from torchrun's environment when no group exists yet);
 2. capture the training step, on every rank (deterministic);
 3. plan on rank 0 (or take the given plan) and hand the JSON to every rank through the store;
-4. check the plan fits this graph and this world;
+4. check the plan fits this graph (fingerprint, op and parameter names, shapes) and this world;
 5. hold each parameter as the plan says, from rank 0's values;
 6. lower this rank's program (`runtime.lower`).
 """
@@ -53,6 +53,8 @@ def compile(model: nn.Module, cluster: Cluster | None = None, *, example_inputs:
     wait before a missing rank is reported (`RankFailure`). `pipeline`: as `autopar.plan`'s (False,
     True, None or a `PipelineSpec`); a plan with stages gives a `runtime.pipeline.PipelineModel`.
     """
+    _check_arguments(cluster, plan, strategy=strategy, precision=precision, memory_budget=memory_budget,
+                     time_limit=time_limit, pipeline=pipeline)
     init_from_env(timeout)  # 1
     cluster = cluster or Cluster.local()
     precision = normalize_precision(plan.precision if plan is not None else precision)
@@ -117,15 +119,46 @@ def _plan_on_rank_zero(captured: CapturedGraph, cluster: Cluster, name: str, **o
     return Plan.from_json(text)
 
 
+def _check_arguments(cluster, plan, **options) -> None:
+    """Wrong types and values fail here, before any process group is joined or anything captured."""
+    from autopar.planner import check_cluster, check_options
+
+    if plan is not None and not isinstance(plan, Plan):
+        raise TypeError(f"plan: found {type(plan).__name__} {plan!r:.60}, required an autopar.Plan or None "
+                        f"(read a plan file with autopar.Plan.load(path))")
+    if cluster is not None:
+        check_cluster(cluster)
+    check_options(**options)
+
+
 def _check(plan: Plan, captured: CapturedGraph) -> None:
     found = fingerprint(captured)
     if plan.fingerprint != found:
         raise ValueError(f"plan: made for a graph with fingerprint {plan.fingerprint}, found {found} for this model "
                          f"and inputs; required the same model, input shapes and loss as when planning")
+    _check_names(plan, captured)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if plan.num_devices != world:
         raise ValueError(f"world size: found {world} process(es), required {plan.num_devices} (the plan's devices); "
                          f"launch with --nproc {plan.num_devices} or plan for {world} device(s)")
+
+
+def _check_names(plan: Plan, captured: CapturedGraph) -> None:
+    """Every op and parameter the plan places is this graph's, at this graph's shape: an edited plan
+    (whose fingerprint still matches) fails here, by name."""
+    for j, stage in enumerate(plan.stages):
+        unknown = sorted(set(stage.nodes) - set(captured.nodes))
+        if unknown:
+            raise ValueError(f"plan.stages[{j}].nodes: found {unknown[:5]}, which this model's graph does not "
+                             f"have; required the graph's own op names (plan again for this model)")
+        for name, param in stage.params.items():
+            info = captured.params.get(name)
+            if info is None:
+                raise ValueError(f"plan.stages[{j}].params: found {name!r}, required one of this model's "
+                                 f"parameters ({len(captured.params)}, e.g. {sorted(captured.params)[:3]})")
+            if tuple(param.shape) != tuple(info.meta.shape):
+                raise ValueError(f"plan.stages[{j}].params[{name!r}].shape: found {tuple(param.shape)}, required "
+                                 f"{tuple(info.meta.shape)}, the model's")
 
 
 def _compile_pipeline(model: nn.Module, captured: CapturedGraph, plan: Plan, example_inputs: tuple, loss_fn, target,

@@ -27,10 +27,10 @@ import torch.nn as nn
 from autopar.assemble import fingerprint, stage
 from autopar.capture import capture
 from autopar.cluster import Cluster
-from autopar.cost.memory import normalize_precision
+from autopar.cost.memory import OPTIMIZERS, normalize_precision
 from autopar.errors import InfeasibleError
 from autopar.graph import CapturedGraph
-from autopar.plan import STRATEGIES, Comparison, Cost, MeshResult, Plan, Schedule, SearchReport
+from autopar.plan import LEVELS, STRATEGIES, Comparison, Cost, MeshResult, Plan, Schedule, SearchReport
 from autopar.units import fmt_bytes
 from autopar.vocab import LogicalMesh, candidate_meshes
 from autopar.passes import baselines
@@ -69,6 +69,9 @@ def plan(model: nn.Module, cluster: Cluster, *, example_inputs: tuple, loss_fn: 
     from autopar.quant.apply import layer_schemes
     from autopar.quant.modules import quantize_model
 
+    check_cluster(cluster)
+    check_options(strategy=strategy, precision=precision, optimizer=optimizer, memory_budget=memory_budget,
+                  time_limit=time_limit, zero_levels=zero_levels, pipeline=pipeline)
     layers = layer_schemes(model, quantize, budget=quantize_budget, loss_fn=loss_fn,
                            batches=[(example_inputs, target)] if loss_fn is not None else None)
     name = type(model).__name__
@@ -86,15 +89,14 @@ def plan_graph(captured: CapturedGraph, cluster: Cluster, *, model_name: str = "
                time_limit: float = 60.0, meshes: list[LogicalMesh] | None = None,
                zero_levels: tuple[int, ...] = (0, 1, 2, 3), pipeline: bool | None | PipelineSpec = False) -> Plan:
     """`plan` for a graph already captured."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy: found {strategy!r}, required one of {', '.join(STRATEGIES)}")
+    check_cluster(cluster)
+    check_options(strategy=strategy, precision=precision, optimizer=optimizer, memory_budget=memory_budget,
+                  time_limit=time_limit, zero_levels=zero_levels, pipeline=pipeline)
     if isinstance(pipeline, PipelineSpec):
         one = plan_graph(captured, stage_cluster(cluster, pipeline.stages), model_name=model_name, strategy=strategy,
                          precision=precision, optimizer=optimizer, memory_budget=memory_budget, time_limit=time_limit,
                          meshes=meshes, zero_levels=zero_levels)
         return split(one, captured, cluster, pipeline)
-    if not time_limit > 0:
-        raise ValueError(f"time_limit: found {time_limit!r}, required > 0 seconds")
     if pipeline and strategy != "auto":
         raise ValueError(f"pipeline: found strategy {strategy!r} with pipeline stages, required strategy 'auto' "
                          f"(the named strategies are single-stage families)")
@@ -133,7 +135,7 @@ def plan_graph(captured: CapturedGraph, cluster: Cluster, *, model_name: str = "
                                        search=dataclasses.replace(piped.search, meshes=tuple(tried) + piped.search.meshes,
                                                                   seconds=time.perf_counter() - start))
     if best is None:
-        raise _nothing_fits(strategy, cluster, floors, comparisons)
+        raise _nothing_fits(strategy, cluster, floors, comparisons, memory_budget)
     problem, solution = best
     if solution.status != "optimal":
         bound = (f"within {solution.gap:.1%} of the best possible one" if solution.gap == solution.gap
@@ -147,6 +149,42 @@ def plan_graph(captured: CapturedGraph, cluster: Cluster, *, model_name: str = "
                 optimizer=optimizer, cluster=cluster, stages=(one,), schedule=Schedule(), cost=one.cost,
                 collectives=tuple(sorted(collectives, key=lambda c: -c.time * c.count)), search=report,
                 baselines=tuple(comparisons), warnings=tuple(warnings))
+
+
+def check_cluster(cluster: object) -> None:
+    """A `TypeError` unless `cluster` is a `Cluster` (a name or a path is not one)."""
+    if not isinstance(cluster, Cluster):
+        raise TypeError(f"cluster: found {type(cluster).__name__} {cluster!r:.60}, required an autopar.Cluster "
+                        f"(Cluster.preset(name), Cluster.load(path) or Cluster.local())")
+
+
+def check_options(*, strategy: str = "auto", precision: str = "fp32", optimizer: str = "adamw",
+                  memory_budget: float | None = None, time_limit: float = 60.0,
+                  zero_levels: tuple[int, ...] = LEVELS, pipeline: bool | None | PipelineSpec = False) -> None:
+    """The options of `plan` and `compile`, checked before anything is captured: a `TypeError` for a
+    wrong type, a `ValueError` for a wrong value, each naming the option, what was found and what
+    was required. `time_limit` and `memory_budget` may be infinite (no limit)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: found {strategy!r}, required one of {', '.join(STRATEGIES)}")
+    normalize_precision(precision)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer: found {optimizer!r}, required one of {', '.join(OPTIMIZERS)}")
+    if memory_budget is not None:
+        _positive("memory_budget", memory_budget, "bytes")
+    _positive("time_limit", time_limit, "seconds")
+    if not isinstance(zero_levels, (tuple, list)) or not zero_levels or any(
+            isinstance(level, bool) or level not in LEVELS for level in zero_levels):
+        raise ValueError(f"zero_levels: found {zero_levels!r}, required a non-empty subset of {LEVELS}")
+    if pipeline is not None and not isinstance(pipeline, (bool, PipelineSpec)):
+        raise TypeError(f"pipeline: found {type(pipeline).__name__} {pipeline!r}, required True, False, None or an "
+                        f"autopar.PipelineSpec")
+
+
+def _positive(name: str, value: object, unit: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: found {type(value).__name__} {value!r}, required a number of {unit} > 0")
+    if not value > 0:  # NaN too
+        raise ValueError(f"{name}: found {value!r}, required > 0 {unit}")
 
 
 def _pipelined(captured: CapturedGraph, cluster: Cluster, options: ShardingOptions, time_limit: float,
@@ -238,13 +276,15 @@ def _solve_baselines(problem: ShardingProblem, names, cluster: Cluster, time_lim
 
 
 def _nothing_fits(strategy: str, cluster: Cluster, floors: list[InfeasibleError],
-                  comparisons: list[Comparison]) -> InfeasibleError:
+                  comparisons: list[Comparison], memory_budget: float | None = None) -> InfeasibleError:
     needed = min((e.required_bytes for e in floors if e.required_bytes), default=None)
     if needed is None:
         notes = "; ".join(f"{c.strategy}: {c.note}" for c in comparisons if c.note)
         return InfeasibleError(f"no {strategy} plan fits on {cluster.describe()}: {notes}")
+    have = (f"a memory budget of {fmt_bytes(memory_budget)} each" if memory_budget is not None else
+            f"{fmt_bytes(cluster.device.memory)} each (less the workspace margin)")
     return InfeasibleError(
         f"no plan fits: the model needs at least {fmt_bytes(needed)} per device under the best mesh and plan, "
-        f"and {cluster.num_devices} × {cluster.device.name} have {fmt_bytes(cluster.device.memory)} each "
-        f"(less the workspace margin); required: more devices, a larger memory budget, or pipeline stages",
-        required_bytes=needed, available_bytes=cluster.device.memory)
+        f"and {cluster.num_devices} × {cluster.device.name} have {have}; required: more devices, a larger "
+        f"memory budget, or pipeline stages",
+        required_bytes=needed, available_bytes=memory_budget if memory_budget is not None else cluster.device.memory)

@@ -7,6 +7,10 @@ the instance back, or a `ValueError` naming the path of the first bad field and 
 
 Supported field types: bool, int, float, str, None unions, tuples (`tuple[T, ...]` and fixed),
 `dict[str, T]`, nested dataclasses, torch placements (short form, `autopar.vocab`), `Cluster`.
+Floats that JSON cannot write are the strings "inf", "-inf" and "nan". Unknown fields are refused,
+not skipped (a file from a newer autopar fails loudly instead of losing what it said), and so are
+missing ones without a default. A dataclass's own `__post_init__` checks run as the file is read;
+their "ClassName.field: …" messages come out at the field's path in the file.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ def to_data(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): to_data(v) for k, v in obj.items()}
     if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")  # JSON has no NaN or Infinity
     return obj
 
 
@@ -96,7 +100,14 @@ def _dataclass(kind: type, data: Any, path: str) -> Any:
     try:
         return kind(**values)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise ValueError(_at(path, kind, str(e))) from None
+
+
+def _at(path: str, kind: type, message: str) -> str:
+    """A dataclass's own check, placed in the file: "Stage.params['w'].level: …" at plan.stages[0]
+    reads "plan.stages[0].params['w'].level: …"; other messages get the path in front."""
+    own = f"{kind.__name__}."
+    return path + message[len(own) - 1:] if message.startswith(own) else f"{path}: {message}"
 
 
 def _tuple(kind: Any, data: Any, path: str) -> tuple:
@@ -112,7 +123,7 @@ def _tuple(kind: Any, data: Any, path: str) -> tuple:
 
 def _scalar(kind: Any, data: Any, path: str) -> Any:
     if kind is float:
-        if data in ("inf", "-inf"):
+        if data in ("inf", "-inf", "nan"):
             return float(data)
         if isinstance(data, (int, float)) and not isinstance(data, bool):
             return float(data)

@@ -50,6 +50,14 @@ def _check(kind: str, stages: int, microbatches: int, virtual: int) -> None:
                          f"required at least 1 of each")
 
 
+def check_spec(kind: str, stages: int, microbatches: int, virtual: int = 1) -> None:
+    """The values `actions` accepts, checked without building the orders (whose time grows with the
+    microbatches): a ValueError naming what was found."""
+    _check(kind, stages, microbatches, virtual)
+    if kind != "interleaved" and virtual != 1:
+        raise ValueError(f"schedule {kind}: found {virtual} chunks per device, required 1 (only interleaved has more)")
+
+
 def ramp_factor(kind: str, virtual: int = VIRTUAL) -> float:
     """c in T = m·max t + c·(Σ t - max t): how much of the fill-and-drain ramp stays idle."""
     return {"gpipe": 1.0, "1f1b": 1.0, "interleaved": 1.0 / virtual, "zero-bubble": 2.0 / 3.0}[kind]
@@ -111,9 +119,7 @@ def actions(kind: str, stages: int, microbatches: int, virtual: int = 1) -> list
     Interleaved 1F1B (Megatron-LM): microbatches go through the chunks in rounds of p, warm-up
     (p - g - 1)·2 + (v - 1)·p forwards. Zero-bubble: the list-scheduled order of the module
     docstring, each backward split into I and W."""
-    _check(kind, stages, microbatches, virtual)
-    if kind != "interleaved" and virtual != 1:
-        raise ValueError(f"schedule {kind}: found {virtual} chunks per device, required 1 (only interleaved has more)")
+    check_spec(kind, stages, microbatches, virtual)
     p, m, v = stages, microbatches, virtual
     if kind == "zero-bubble":
         orders = _zero_bubble(p, m)

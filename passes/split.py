@@ -41,9 +41,14 @@ class PipelineSpec:
     virtual: int = 1
 
     def __post_init__(self) -> None:
+        for name in ("stages", "microbatches", "virtual"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"PipelineSpec.{name}: found {type(value).__name__} {value!r}, required an "
+                                f"integer >= 1")
         if self.schedule == "interleaved" and self.virtual == 1:
             object.__setattr__(self, "virtual", schedules.VIRTUAL)
-        schedules.actions(self.schedule, self.stages, self.microbatches, self.virtual)  # checks the values
+        schedules.check_spec(self.schedule, self.stages, self.microbatches, self.virtual)
 
 
 def layer_ranges(layers: int, chunks: int) -> list[tuple[int, int]]:
@@ -88,6 +93,7 @@ def split(plan: Plan, captured: CapturedGraph, cluster: Cluster, spec: PipelineS
         raise ValueError(f"pipeline: found a plan with {len(plan.stages)} stages, required a one-stage plan to cut")
     one = plan.stages[0]
     p, v, m = spec.stages, spec.virtual, spec.microbatches
+    check_batch(captured, m)
     if p * one.mesh.size > cluster.num_devices:
         raise ValueError(f"pipeline: {p} stages of {one.mesh.size} device(s) need {p * one.mesh.size}, found "
                          f"{cluster.num_devices} in {cluster.describe()}")
@@ -149,6 +155,16 @@ def split(plan: Plan, captured: CapturedGraph, cluster: Cluster, spec: PipelineS
                f"plan's scaled by each chunk's share of the FLOPs and by 1/{m} per microbatch")
     return dataclasses.replace(plan, cluster=cluster, stages=tuple(stages), schedule=schedule, cost=cost,
                                collectives=(), warnings=plan.warnings + (warning,))
+
+
+def check_batch(captured: CapturedGraph, microbatches: int) -> None:
+    """Every input (and the target) has a batch dimension, dim 0, that `microbatches` divides, as
+    `compile` cuts it; checked when planning, before any schedule of that many microbatches is built."""
+    for name in captured.inputs:
+        out = captured.nodes[name].output
+        if out is not None and (not out.shape or out.shape[0] % microbatches):
+            raise ValueError(f"pipeline: found {microbatches} microbatches for input {name} of shape {out.shape}, "
+                             f"required a number that divides its batch dimension (dim 0)")
 
 
 def check_pipeline(plan: Plan, captured: CapturedGraph, micro: CapturedGraph) -> None:

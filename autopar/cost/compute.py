@@ -27,6 +27,7 @@ import torch
 
 from autopar.cluster import DeviceSpec
 from autopar.cost.profile import Profile
+from autopar.files import parse_json
 from autopar.graph import NodeInfo
 
 DTYPE_NAMES = {
@@ -81,9 +82,13 @@ class ProfileTable:
 
     @classmethod
     def from_json(cls, text: str) -> ProfileTable:
-        data = json.loads(text)
-        if not isinstance(data, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in data.values()):
-            raise ValueError("profile table: required a JSON object mapping keys to seconds >= 0")
+        """Strict JSON (`autopar.files.parse_json`): an object of key → seconds, each checked."""
+        data = parse_json(text, "profile table")
+        if not isinstance(data, dict):
+            raise ValueError(f"profile table: found {type(data).__name__}, required a JSON object of key → seconds")
+        for key, value in data.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"profile table[{key!r}]: found {value!r}, required seconds >= 0")
         return cls(dict(data))
 
 

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from autopar.cluster import BACKENDS, DTYPES, Cluster, Link, PeakFlops, _check_number, _read_fields
+from autopar.cluster import BACKENDS, DTYPES, Cluster, Link, PeakFlops, _check_number, _make, _read_fields
 
 PROFILED = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all", "send_recv")
 """The collectives the profiler times; the others (reduce, scatter, gather) keep the seed formulas."""
@@ -177,9 +177,8 @@ class Profile:
             items = fields[name]
             if not isinstance(items, list):
                 raise ValueError(f"Cluster.profile.{name}: found {type(items).__name__}, required a JSON array")
-            fields[name] = tuple(kind(**_read_fields(f"Cluster.profile.{name}[{i}]", item, kind))
-                                 for i, item in enumerate(items))
-        return cls(**fields)
+            fields[name] = tuple(_make(f"Cluster.profile.{name}[{i}]", kind, item) for i, item in enumerate(items))
+        return _make("Cluster.profile", cls, fields)
 
 
 def _check_tuple(owner: str, items: Any, kind: type) -> None:
