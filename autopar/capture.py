@@ -6,7 +6,8 @@
 Steps, top to bottom:
 1. wrap `loss_fn(model(*inputs), target)` in a module, so the loss is part of the graph;
 2. `torch.export.export(..., strict=False)` traces it at ATen level on fake tensors (a model on
-   the meta device stays there, so GPT-3 175B is captured without allocating a byte); for bf16 or
+   the meta device stays there, so GPT-3 175B is captured without allocating a byte); the
+   grad-mode and disabled-autocast regions export wraps are inlined (`passes.inline`); for bf16 or
    fp16, `passes.precision` inserts the mixed-precision casts;
 3. `passes.analyze` measures FLOPs, bytes moved and saved-for-backward bytes per node;
 4. `passes.layers` finds the repeated blocks.
@@ -35,6 +36,7 @@ from torch.utils import _pytree as pytree
 from autopar.errors import CaptureError
 from autopar.graph import CapturedGraph, NodeInfo, ParamInfo, TensorMeta
 from autopar.passes.analyze import analyze
+from autopar.passes.inline import inline_wrappers
 from autopar.passes.layers import find_layers
 from autopar.passes.precision import low_precision
 
@@ -70,12 +72,14 @@ def capture(model: nn.Module, example_inputs: tuple, *, loss_fn: Callable | None
         raise TypeError(f"example_inputs: found {type(example_inputs).__name__}, required a tuple of inputs")
     if (loss_fn is None) != (target is None):
         raise ValueError("loss_fn and target: found only one of them, required both (training) or neither")
+    _check_not_empty(example_inputs, target)
 
     device = _model_device(model)
     args = tuple(_on_device(x, device) for x in example_inputs)
     if loss_fn is not None:
         args += (_on_device(target, device),)
     program = _export(_Step(model, loss_fn), args)
+    inline_wrappers(program)  # grad-mode and autocast regions become plain ATen ops
     _forget_values(program)
     low_precision(program, precision)
 
@@ -91,6 +95,15 @@ def capture(model: nn.Module, example_inputs: tuple, *, loss_fn: Callable | None
     outputs = tuple(a.name if isinstance(a, torch.fx.Node) else "" for a in pytree.tree_leaves(output.args))
     return CapturedGraph(program=program, nodes=nodes, params=params, inputs=user_inputs,
                          has_loss=loss_fn is not None, layers=layers, outputs=outputs, precision=precision)
+
+
+def _check_not_empty(example_inputs: tuple, target: Any) -> None:
+    """A tensor without elements (a batch of 0) leaves nothing to cost: refused by its place in the inputs."""
+    for where, value in (("example_inputs", example_inputs), ("target", target)):
+        for path, x in pytree.tree_flatten_with_path(value)[0]:
+            if isinstance(x, torch.Tensor) and x.ndim and not x.numel():
+                raise ValueError(f"{where}{pytree.keystr(path)}: found shape {tuple(x.shape)} with no elements, "
+                                 f"required a non-empty tensor (a batch of at least one)")
 
 
 def _forget_values(program: torch.export.ExportedProgram) -> None:

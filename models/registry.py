@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import gpt, llama, mlp, moe, wresnet
+from . import gpt, hf, llama, mlp, moe, wresnet
 
 _FAMILIES: dict[str, ModuleType] = {
     "gpt": gpt, "llama": llama, "mlp": mlp, "moe": moe, "wresnet": wresnet,
+    "hf": hf,  # transformers models from configs; transformers is imported only when one is built
 }
 
 
@@ -35,7 +36,7 @@ class ModelEntry:
     """One model of the zoo: its config and how to build, feed and score it."""
 
     name: str  # registry key, e.g. "gpt3-175b"
-    family: str  # "gpt", "llama", "mlp", "moe" or "wresnet": the module that builds it
+    family: str  # "gpt", "llama", "mlp", "moe", "wresnet" or "hf": the module that builds it
     description: str  # one line, e.g. "GPT-3 175B (96 layers, ...), seq 2048"
     config: Any  # the family's frozen config dataclass
     nominal_params: float | None  # the size the name claims (175e9); None if it claims none

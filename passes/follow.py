@@ -121,8 +121,8 @@ def _dim_map(node: fx.Node, source: fx.Node) -> dict[int, int | None]:
         return {d: (None if d == cut else d - (d > cut)) for d in range(rank)}
     if target in (aten.slice.Tensor, aten.narrow.default, aten.split.Tensor, aten.split_with_sizes.default,
                   aten.chunk.default):
-        default = 0
-        cut = _norm(args[2] if len(args) > 2 else node.kwargs.get("dim", default), rank)
+        at = 1 if target in (aten.slice.Tensor, aten.narrow.default) else 2  # slice(x, dim, ...), split(x, n, dim)
+        cut = _norm(args[at] if len(args) > at else node.kwargs.get("dim", 0), rank)
         if target is aten.slice.Tensor and _shape(source)[cut] == _outputs(node)[0][cut]:
             return same  # a full slice
         return {d: (None if d == cut else d) for d in range(rank)}

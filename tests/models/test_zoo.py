@@ -15,12 +15,13 @@ FULL = [
     "wresnet-6.7b", "wresnet-13.3b",
 ]
 GPT3 = [name for name in FULL if name.startswith("gpt3-")]
+HF = ["hf-bert", "hf-gpt2", "hf-llama"]  # transformers models: tests/models/test_hf.py
 
 
 # ---- registry ---------------------------------------------------------------------------------
 
 def test_names_lists_every_entry_sorted():
-    assert models.names() == sorted(TINY + FULL)
+    assert models.names() == sorted(TINY + FULL + HF)
 
 
 def test_get_unknown_name_lists_known_ones():

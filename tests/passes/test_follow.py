@@ -49,6 +49,17 @@ def test_views_that_cannot_keep_a_sharding_gather_it():
     assert follow(sliced, sliced.args[0], (S(0),), (2,)).outputs == ((S(0),),)
 
 
+def test_slices_cut_the_dim_they_name():
+    nodes, calls = graph_of(lambda x: (x[..., 4:], x.narrow(1, 0, 2), x.split(4, dim=2)), (2, 4, 8))
+    sliced, narrowed, split = calls[:3]
+    assert follow(sliced, sliced.args[0], (S(2),), (2,)).needs == (R,)  # the last dim is cut
+    assert follow(sliced, sliced.args[0], (S(1),), (2,)).outputs == ((S(1),),)
+    assert follow(narrowed, narrowed.args[0], (S(1),), (2,)).needs == (R,)
+    assert follow(narrowed, narrowed.args[0], (S(2),), (2,)).outputs == ((S(2),),)
+    assert follow(split, split.args[0], (S(2),), (2,)).needs == (R,)
+    assert follow(split, split.args[0], (S(0),), (2,)).outputs == ((S(0),),) * 2
+
+
 def test_uneven_carry_is_gathered():
     nodes, calls = graph_of(lambda x: x.unflatten(-1, (3, 4)), (2, 12))
     (unflatten,) = calls
