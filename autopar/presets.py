@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 
 from autopar.cluster import GiB, Cluster, DeviceSpec, Link, PeakFlops
 
@@ -90,8 +91,8 @@ def local() -> Cluster:
     """The running torch.distributed world, or one device in a plain process.
 
     Under torchrun with no process group yet, initializes it first (NCCL when CUDA is available,
-    gloo otherwise). Nodes are WORLD_SIZE / LOCAL_WORLD_SIZE (torchrun sets both); the device is
-    this process's GPU when CUDA is available, else a CPU rank.
+    gloo otherwise). Nodes and devices per node come from `node_layout`; the device is this
+    process's GPU when CUDA is available, else a CPU rank.
     """
     import dataclasses
 
@@ -100,12 +101,11 @@ def local() -> Cluster:
 
     from autopar.runtime.world import init_from_env
 
+    if "WORLD_SIZE" in os.environ:  # a launch whose nodes disagree fails here, before joining the world
+        node_layout(os.environ, _env_int(os.environ, "WORLD_SIZE"))
     init_from_env()
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if world > 1 else 1
-    if per_node <= 0 or world % per_node:
-        raise ValueError(f"LOCAL_WORLD_SIZE: found {per_node}, required a divisor of the world size {world}")
-    nodes = world // per_node
+    nodes, per_node = node_layout(os.environ, world) if world > 1 else (1, 1)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         preset = next((p for key, p in (("H100", "h100"), ("A100", "a100"), ("V100", "v100")) if key in props.name),
@@ -117,3 +117,51 @@ def local() -> Cluster:
         device = dataclasses.replace(base.device, name=props.name, memory=int(props.total_memory))
         return dataclasses.replace(base, name="local-cuda", device=device)
     return dataclasses.replace(make("cpu", nodes=nodes, devices_per_node=per_node), name="local-cpu")
+
+
+# What torchrun sets for each worker (torch.distributed.run, "Environment Variables"): GROUP_* count
+# nodes (one agent per node), LOCAL_* the processes of this node, RANK and WORLD_SIZE the whole job.
+_TORCHRUN_INTS = ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "RANK", "LOCAL_RANK", "GROUP_RANK")
+
+
+def node_layout(env: Mapping[str, str], world: int) -> tuple[int, int]:
+    """(nodes, devices per node) of a `world`-process job, from torchrun's environment `env`.
+
+    Devices per node is LOCAL_WORLD_SIZE (default: the whole world, one node), nodes is
+    WORLD_SIZE / LOCAL_WORLD_SIZE. torchrun numbers ranks node by node when every node runs the same
+    --nproc-per-node: node g (GROUP_RANK) holds ranks g·L … g·L + L - 1, which is what
+    `Cluster.node_of` assumes, so a mesh axis that steps by L really crosses nodes. Anything else
+    (sizes that do not divide, nodes of unequal sizes, ranks out of that order) is a ValueError
+    naming the variables and their values.
+
+        >>> node_layout({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "GROUP_WORLD_SIZE": "2"}, 4)
+        (2, 2)
+    """
+    found = {name: _env_int(env, name) for name in _TORCHRUN_INTS if name in env}
+    if found.get("WORLD_SIZE", world) != world:
+        raise ValueError(f"WORLD_SIZE: found {found['WORLD_SIZE']}, required {world} (the processes in the "
+                         f"initialized process group)")
+    per_node = found.get("LOCAL_WORLD_SIZE", world)
+    if per_node < 1 or world % per_node:
+        raise ValueError(f"LOCAL_WORLD_SIZE: found {per_node}, required a divisor of WORLD_SIZE={world} "
+                         f"(every node runs the same number of processes)")
+    nodes = world // per_node
+    if found.get("GROUP_WORLD_SIZE", nodes) != nodes:
+        groups = found["GROUP_WORLD_SIZE"]
+        raise ValueError(f"GROUP_WORLD_SIZE × LOCAL_WORLD_SIZE: found {groups} × {per_node} = {groups * per_node}, "
+                         f"required WORLD_SIZE={world} (nodes of unequal sizes: start every node with the same "
+                         f"--nproc-per-node)")
+    if {"RANK", "GROUP_RANK", "LOCAL_RANK"} <= found.keys():
+        expected = found["GROUP_RANK"] * per_node + found["LOCAL_RANK"]
+        if found["RANK"] != expected:
+            raise ValueError(f"RANK: found {found['RANK']}, required GROUP_RANK × LOCAL_WORLD_SIZE + LOCAL_RANK = "
+                             f"{found['GROUP_RANK']} × {per_node} + {found['LOCAL_RANK']} = {expected} (ranks "
+                             f"numbered node by node, as torchrun does when nodes are of equal sizes)")
+    return nodes, per_node
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ValueError(f"{name}: found {env[name]!r}, required an integer (torchrun sets it)") from None
