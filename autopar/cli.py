@@ -23,6 +23,8 @@ from autopar.cluster import Cluster
 from autopar.errors import AutoparError
 from autopar.runtime import profiler
 from autopar.runtime.launch import pipeline_args, pipeline_argv, pipeline_spec
+from autopar.runtime.restarts import add_args as restarts_args
+from autopar.runtime.nodes import add_args as nodes_args
 from autopar.viz import command as viz_command
 
 
@@ -55,7 +57,10 @@ def _models(args: argparse.Namespace) -> int:
 
     for name in models.names():
         entry = models.get(name)
-        count = f"{entry.num_params() / 1e9:10.3f}B" if args.count else ""
+        try:
+            count = f"{entry.num_params() / 1e9:10.3f}B" if args.count else ""
+        except ImportError:  # a Hugging Face model, without transformers installed
+            count = f"{'-':>11s}"
         print(f"{name:16s}{count}  {entry.description}")
     return 0
 
@@ -80,30 +85,50 @@ def _plan(args: argparse.Namespace) -> int:
     from autopar.planner import plan_graph
 
     entry = models.get(args.model)
+    if args.out:
+        _check_out(args.out)
+    if args.memory_budget is not None and not args.memory_budget > 0:
+        raise ValueError(f"--memory-budget: found {args.memory_budget:g} GB, required > 0")
+    cluster = _cluster_from(args)  # a bad file fails before the capture, --out before the search
     dtype = torch.float32 if args.precision == "fp32" else getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[
         args.precision])
-    overrides = {"seq_len": args.seq_len} if args.seq_len else {}
+    overrides = {"seq_len": args.seq_len} if args.seq_len is not None else {}
     model = entry.build(device="meta", dtype=dtype, **overrides)
     inputs, target = entry.example_batch(args.batch_size, device="meta", **overrides)
     graph = capture(model, inputs, loss_fn=entry.loss_fn, target=target)
-    budget = args.memory_budget * 1e9 if args.memory_budget else None
-    plan = plan_graph(graph, _cluster_from(args), model_name=args.model, strategy=args.strategy,
+    budget = args.memory_budget * 1e9 if args.memory_budget is not None else None
+    plan = plan_graph(graph, cluster, model_name=args.model, strategy=args.strategy,
                       precision=args.precision, optimizer=args.optimizer, memory_budget=budget,
                       time_limit=args.time_limit,
                       pipeline=pipeline_spec(args) or {"auto": None, "on": True, "off": False}[args.pipeline])
     print(plan.summary())
     if args.out:
-        plan.save(args.out)
+        plan.save(args.out)  # atomic: a failed write leaves the old file, or none
         print(f"\nplan written to {args.out}")
     return 0
 
 
+def _check_out(path: str) -> None:
+    """An --out that cannot be written fails before the work, not after it."""
+    import os
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out: found {path!r}, whose directory {folder} does not exist; required a file in an "
+                         f"existing directory")
+    if os.path.isdir(path):
+        raise ValueError(f"--out: found the directory {path!r}, required a file name")
+
+
 def _run(args: argparse.Namespace) -> int:
+    from autopar.runtime import nodes, restarts
     from autopar.runtime.launch import launch
 
     return launch(nproc=args.nproc, model=args.model, script=args.script, script_args=args.script_args,
                   steps=args.steps, strategy=args.strategy, batch_size=args.batch_size, lr=args.lr,
-                  timeout=args.timeout, plan=args.plan, pipeline=pipeline_argv(args), precision=args.precision)
+                  timeout=args.timeout, plan=args.plan, pipeline=pipeline_argv(args), precision=args.precision,
+                  nodes=nodes.from_args(args), report=args.report, checkpoints=restarts.rank_argv(args),
+                  max_restarts=args.max_restarts)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -225,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train a zoo model (or run a script) on local ranks under torchrun",
                        description="Launch torchrun on this machine. With --model, every rank compiles the zoo "
                                    "model with --strategy and trains it on synthetic batches, printing losses and "
-                                   "step times; with a script, torchrun runs it (arguments after -- go to it).")
+                                   "step times; with a script, torchrun runs it (arguments after -- go to it). "
+                                   "On several machines, run the same command on each with --nnodes, "
+                                   "--node-rank and --rdzv-endpoint.")
     p.add_argument("script", nargs="?", default=None,
                    help="a Python script to run on every rank; its own arguments go after --")
     p.add_argument("--model", default=None, help="a zoo model (see `autopar models`)")
@@ -242,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: matmuls in bf16/fp16, norms, softmax and losses in fp32, fp32 master "
                         "weights; fp16 adds dynamic loss scaling (default: %(default)s)")
     pipeline_args(p)
+    nodes_args(p)
+    restarts_args(p, launcher=True)
+    p.add_argument("--report", default=None, metavar="FILE",
+                   help="with --model: rank 0 writes the cluster, the node of each rank, the plan's mesh and the "
+                        "losses here as JSON (on the machine that runs rank 0)")
     p.set_defaults(run=_run)
 
     p = sub.add_parser("models", help="list the model zoo", description="The zoo's models, with descriptions.")

@@ -90,7 +90,8 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         losses = []
         crash = case.get("crash")  # {"rank": r, "step": k}: that rank dies as step k begins
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        for step in range(case["steps"]):
+        start = compiled.load(case["load"]) if case.get("load") else 0  # a checkpoint: train on from its step
+        for step in range(start, case["steps"]):
             if crash and crash["rank"] == rank and crash["step"] == step:
                 os._exit(17)
             inputs, target = _batch(entry, case, step)
@@ -101,6 +102,8 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
             losses.append(compiled.step(*inputs, target=target).item())
             if overflow and overflow["rank"] == rank and overflow["step"] == step:
                 handle.remove()
+        if case.get("save"):  # a checkpoint directory, written after the last step
+            compiled.save(case["save"])
         state = compiled.state_dict()
         result = {"losses": losses, "state": {k: v.tolist() for k, v in state.items()},
                   "strategy": compiled.plan.strategy, "mesh": list(compiled.plan.stages[0].mesh.shape)}
@@ -286,9 +289,11 @@ class RankPool:
         self.close()
 
 
-def random_plan(model: str, world: int, seed: int, batch: int = 8, dtype: str = "float32") -> str:
+def random_plan(model: str, world: int, seed: int, batch: int = 8, dtype: str = "float32",
+                device: str = "meta") -> str:
     """A random valid plan (JSON) for a zoo model on `world` local ranks: a random candidate mesh,
-    a random strategy for every unit. What the runtime must run exactly like any planned one."""
+    a random strategy for every unit. What the runtime must run exactly like any planned one.
+    `device`: where the model is captured ("cpu" for a model whose graph differs on meta)."""
     import random
 
     import autopar
@@ -302,9 +307,9 @@ def random_plan(model: str, world: int, seed: int, batch: int = 8, dtype: str = 
     rng = random.Random(seed)
     entry = models.get(model)
     case = {**DEFAULTS, "model": model, "batch": batch, "dtype": dtype}
-    net = entry.build(device="meta", dtype=getattr(torch, dtype))
+    net = entry.build(device=device, dtype=getattr(torch, dtype))
     inputs, target = _batch(entry, case, 0)
-    graph = autopar.capture(net, tuple(x.to("meta") for x in inputs), loss_fn=entry.loss_fn, target=target.to("meta"))
+    graph = autopar.capture(net, tuple(x.to(device) for x in inputs), loss_fn=entry.loss_fn, target=target.to(device))
     cluster = autopar.Cluster.preset("cpu", gpus_per_node=world)
     mesh = rng.choice(candidate_meshes(cluster))
     problem = build_problem(graph, mesh, cluster)

@@ -41,6 +41,8 @@ class CompiledModel:
                         for n, _ in layout.inputs]
         self.scaler = LossScaler() if plan.precision == "fp16" else None
         """fp16: dynamic loss scaling (`runtime.scaler`); bf16 has fp32's range and needs none."""
+        self.step_count = 0
+        """Training steps taken (restored by `load`)."""
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -53,7 +55,9 @@ class CompiledModel:
 
     def _locals(self, flat: list) -> list[torch.Tensor]:
         if len(flat) != len(self._inputs):
-            raise ValueError(f"inputs: found {len(flat)} tensor(s), required {len(self._inputs)} as traced "
+            others = sorted({type(x).__name__ for x in flat if not isinstance(x, torch.Tensor)})
+            found = f"{len(flat)} value(s)" + (f", not all tensors ({', '.join(others)})" if others else " (tensors)")
+            raise ValueError(f"inputs: found {found}, required {len(self._inputs)} tensor(s) as traced "
                              f"(the model's inputs{', then the target' if self.captured.has_loss else ''})")
         local = []
         for i, (x, traced, (_, placed)) in enumerate(zip(flat, self._inputs, self.layout.inputs)):
@@ -102,6 +106,7 @@ class CompiledModel:
             raise self.world.failure("running the backward pass", e) from e
         if self.sync is not None:
             self.sync.finish()
+        self.step_count += 1
         if self.scaler is not None:
             finite = self.scaler.unscale(self.optimizer_leaves(), self.world.device)
             self.scaler.update(finite)
@@ -131,6 +136,19 @@ class CompiledModel:
         return pytree.tree_unflatten(whole, spec)
 
     # -- state --------------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """A checkpoint of parameters, optimizer state, step count and plan, as this plan shards them
+        (`runtime.checkpoint`); every rank calls. Atomic: a crash mid-save keeps the previous one."""
+        from autopar.runtime import checkpoint
+
+        return checkpoint.save(self, path)
+
+    def load(self, path: str | os.PathLike) -> int:
+        """Fill this model from a checkpoint saved under any plan and world size; returns its step count."""
+        from autopar.runtime import checkpoint
+
+        return checkpoint.load(self, path)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Whole tensors, on every rank, with the keys of the model's own state_dict."""

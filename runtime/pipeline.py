@@ -126,6 +126,8 @@ class PipelineModel:
         self._by_name = {link.name: link for link in links}
         self._mailbox: dict[int, torch.Tensor] = {}
         self._sends: list = []
+        self.step_count = 0
+        """Training steps taken (restored by `load`)."""
 
     @property
     def world(self) -> World:
@@ -294,6 +296,7 @@ class PipelineModel:
                 self._backward(chunk, k, action, position)
         self._wait_sends()
         self._sum_tied()
+        self.step_count += 1
         self.optimizer.step()
         for chunk in self.chunks:
             for holder in chunk.holders.values():
@@ -374,6 +377,19 @@ class PipelineModel:
         return pytree.tree_unflatten(whole, spec)
 
     # -- state --------------------------------------------------------------------------------------
+
+    def save(self, path):
+        """As `CompiledModel.save`: each stage's ranks write the parts they hold (a tied parameter from
+        the first stage holding it)."""
+        from autopar.runtime import checkpoint
+
+        return checkpoint.save(self, path)
+
+    def load(self, path) -> int:
+        """As `CompiledModel.load`: any plan's checkpoint, each stage filling the parts it holds."""
+        from autopar.runtime import checkpoint
+
+        return checkpoint.load(self, path)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Whole tensors, on every rank, with the keys of the model's own state_dict: each from the
