@@ -74,7 +74,7 @@ def op_times(captured: CapturedGraph, profile, optimizer: str, *, budget: float 
         return None
     from autopar.assemble import fingerprint
 
-    key = (fingerprint(captured), id(profile), optimizer)
+    key = (fingerprint(captured), profile, optimizer)  # the profile by value: an id could be reused
     if key not in _CACHE:
         _CACHE[key] = _measure(captured, profile, optimizer, budget)
     return _CACHE[key]
