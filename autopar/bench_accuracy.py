@@ -91,7 +91,7 @@ def measure(*, model: str, batch: int, strategy: str, pipeline: dict | None, ove
     del net
     try:
         batches = [entry.example_batch(batch, seed=s, **batch_args) for s in range(steps)]
-        for x, y in batches[:2]:  # warm up: optimizer state, communication buffers
+        for x, y in batches * 2:  # warm up: optimizer state, buffers, the allocator, gloo's threads
             compiled.step(*x, target=y)
         times = []
         for _ in range(rounds):
@@ -124,6 +124,8 @@ class AccuracyRow:
     predicted_memory: float
     """Bytes, the rank with the largest measured peak."""
     measured_memory: float
+    rounds: tuple[float, ...] = ()
+    """Seconds per step of each timed round (`measured_time` is their median)."""
 
     @property
     def time_error(self) -> float:
@@ -156,7 +158,7 @@ def accuracy_benchmark(clusters: dict[int, str], cases=ACCURACY_CASES, rounds: i
                 rows.append(AccuracyRow(case=case, plan=got["plan"], predicted_time=got["predicted_time"],
                                         measured_time=got["measured_time"],
                                         predicted_memory=got["predicted_memory"][worst],
-                                        measured_memory=got["measured_memory"][worst]))
+                                        measured_memory=got["measured_memory"][worst], rounds=tuple(got["times"])))
                 if progress is not None:
                     progress(rows[-1])
     return rows
@@ -195,10 +197,12 @@ def accuracy_summary(rows: list[AccuracyRow]) -> dict[str, float]:
 def accuracy_table(rows: list[AccuracyRow]) -> str:
     from autopar.units import fmt_bytes, fmt_seconds, markdown_table
 
-    header = ["model", "ranks", "plan", "predicted step", "measured step", "error", "predicted memory",
+    header = ["model", "ranks", "plan", "predicted step", "measured step", "rounds", "error", "predicted memory",
               "measured memory", "error"]
+    spread = lambda r: f"{fmt_seconds(min(r.rounds))}–{fmt_seconds(max(r.rounds))}" if r.rounds else ""  # noqa: E731
     lines = [markdown_table(header, [[r.case.label, str(r.case.world), r.plan, fmt_seconds(r.predicted_time),
-                                      fmt_seconds(r.measured_time), f"{r.time_error:.1%}", fmt_bytes(r.predicted_memory),
+                                      fmt_seconds(r.measured_time), spread(r), f"{r.time_error:.1%}",
+                                      fmt_bytes(r.predicted_memory),
                                       fmt_bytes(r.measured_memory), f"{r.memory_error:.1%}"] for r in rows])]
     s = accuracy_summary(rows)
     lines += ["", "| | median error | worst error | goal |", "|---|---|---|---|",

@@ -14,8 +14,9 @@ repeats of the slowest rank's time (all-reduce MAX):
   autograd as training runs them, per kernel (dispatch and autograd on a CPU rank, launch on a GPU);
 - every collective of `autopar.cost.profile.PROFILED`, on every group size 2, 4, 8, ... and the
   world's (inside a node; and across nodes when there are several): disjoint groups run at once,
-  a barrier before each repeat, two warm-up calls, over message sizes 4 KiB .. 64 MiB (--quick:
-  4 KiB .. 2 MiB); α and β least-squares fitted per (collective, group size, scope).
+  timed as a step meets them (`in_step_seconds`: after a chunk of computation, not right after a
+  barrier), over message sizes 4 KiB .. 64 MiB (--quick: 4 KiB .. 2 MiB); α and β least-squares
+  fitted per (collective, group size, scope).
 
 The cluster written is `presets.local()`'s with the measured figures (`cost.profile.calibrated`).
 Device memory is the GPU's; on CPU ranks it is the machine's RAM (os.sysconf) divided by the ranks
@@ -238,6 +239,54 @@ def _collective(kind: str, members: list[int], group, nbytes: int, device: torch
     return (lambda: dist.recv(whole, src=members[0])), whole.nbytes
 
 
+def _chunk(device: torch.device):
+    """The computation a CPU rank does between two collectives of a step: a (128, 512) @ (512, 512)
+    matmul, about a millisecond on one core. None on a GPU, where kernels queue asynchronously and a
+    collective waits for its stream, not for the host."""
+    if device.type == "cuda":
+        return None
+    a, b = torch.randn(128, 512), torch.randn(512, 512)
+    return lambda: torch.mm(a, b)
+
+
+def in_step_seconds(call, device: torch.device, group, *, repeats: int, sample: float) -> float:
+    """Seconds of one collective as a training step meets it: each timed repeat runs `inner`
+    (chunk, collective) pairs in a row, and the same number of chunks alone is timed in alternation,
+
+        t = median(chunk + collective) − median(chunk alone)
+
+    A single collective timed right after a barrier finds every rank waiting and its connections
+    hot; inside a step the ranks arrive from computing, apart, with their communication threads
+    asleep, which on CPU ranks sharing cores costs about twice the barrier-aligned time (2 gloo
+    ranks on 2 cores: 1.5–1.9 ms against 0.5–0.8 ms for 4 KiB). `inner` is agreed over the group
+    (each rank runs the same number of collectives), enough for a repeat to last `sample` seconds.
+    On a GPU (no chunk) this is `median_seconds` of the collective after a barrier."""
+    chunk = _chunk(device)
+    barrier = lambda: dist.barrier(group=group)  # noqa: E731
+    if chunk is None:
+        return median_seconds(call, device, repeats=repeats, warmup=2, before=barrier)
+    for _ in range(2):  # warm-up; the second pair's time sizes `inner`
+        barrier()
+        begin = time.perf_counter()
+        chunk()
+        call()
+        once = time.perf_counter() - begin
+    agreed = torch.tensor([math.ceil(sample / max(once, 1e-9))], dtype=torch.int64)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
+    inner = max(1, min(int(agreed), 200))
+    both, alone = [], []
+    for _ in range(repeats):
+        for times, collective in ((both, True), (alone, False)):
+            barrier()
+            begin = time.perf_counter()
+            for _ in range(inner):
+                chunk()
+                if collective:
+                    call()
+            times.append((time.perf_counter() - begin) / inner)
+    return max(statistics.median(both) - statistics.median(alone), 1e-7)
+
+
 def measure_collectives(settings: Settings, device: torch.device, per_node: int,
                         progress: Bar) -> tuple[CollectiveFit, ...]:
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -263,8 +312,8 @@ def measure_collectives(settings: Settings, device: torch.device, per_node: int,
                     # Small messages are cheap and the noisiest: three times the repeats (a count
                     # every rank of the group agrees on).
                     repeats = settings.repeats * (3 if n <= 256 * KiB else 1)
-                    seconds = median_seconds(call, device, repeats=repeats, warmup=2,
-                                             before=lambda: dist.barrier(group=handle))
+                    seconds = in_step_seconds(call, device, handle, repeats=repeats,
+                                              sample=settings.sample / 2)
                 sizes.append(n)
                 times.append(seconds)
             times = _max_over_ranks(times, device)

@@ -166,6 +166,22 @@ def test_group_sizes_and_groups():
     assert profiler.groups(4, 8, 4, "inter") == [[0, 1, 4, 5], [2, 3, 6, 7]]
 
 
+def test_a_collective_is_timed_after_computation_and_the_computation_subtracted(monkeypatch):
+    """`in_step_seconds` runs (chunk, collective) pairs and chunks alone, and returns the difference:
+    a stand-in collective sleeping 3 ms measures 3 ms, one doing nothing about nothing."""
+    import time
+
+    agreed = []
+    monkeypatch.setattr(profiler.dist, "barrier", lambda group=None: None)
+    monkeypatch.setattr(profiler.dist, "all_reduce", lambda t, op=None, group=None: agreed.append(int(t)))
+    cpu = torch.device("cpu")
+    slept = profiler.in_step_seconds(lambda: time.sleep(0.003), cpu, None, repeats=5, sample=0.03)
+    assert slept == pytest.approx(0.003, abs=0.001)
+    assert agreed and agreed[0] >= 5  # the pairs per repeat, agreed over the group, fill the sample
+    nothing = profiler.in_step_seconds(lambda: None, cpu, None, repeats=5, sample=0.03)
+    assert nothing < 0.0005
+
+
 def test_profile_command_help(capsys):
     with pytest.raises(SystemExit) as info:
         main(["profile", "--help"])

@@ -1,0 +1,48 @@
+"""`autopar bench accuracy`: Kendall's τ, the table, and one case measured for real on 2 ranks."""
+
+import pytest
+
+import autopar
+from autopar.bench_accuracy import AccuracyCase, AccuracyRow, accuracy_summary, accuracy_table, kendall_tau
+
+
+def test_kendall_tau_counts_concordant_and_discordant_pairs():
+    assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert kendall_tau([1, 2, 3, 4], [40, 30, 20, 10]) == -1.0
+    assert kendall_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)  # (2 concordant − 1 discordant) / 3
+    assert kendall_tau([1, 2, 3], [1, 1, 2]) == pytest.approx(2 / 3)  # a tie counts as neither
+    # Within groups only: the two groups are each in order, across them reversed.
+    assert kendall_tau([1, 2, 10, 20], [30, 40, 1, 2], groups=["a", "a", "b", "b"]) == 1.0
+    with pytest.raises(ValueError, match="found 2 and 3 values"):
+        kendall_tau([1, 2], [1, 2, 3])
+    with pytest.raises(ValueError, match="no pairs"):
+        kendall_tau([1, 2], [1, 2], groups=["a", "b"])
+
+
+def test_the_table_reports_errors_rounds_and_the_summary():
+    case = AccuracyCase(label="GPT dp", model="gpt-tiny", world=2, batch=16, strategy="dp")
+    rows = [AccuracyRow(case=case, plan="one stage on 2", predicted_time=0.09, measured_time=0.1,
+                        predicted_memory=9e6, measured_memory=1e7, rounds=(0.095, 0.1, 0.12)),
+            AccuracyRow(case=case, plan="one stage on 2", predicted_time=0.2, measured_time=0.16,
+                        predicted_memory=2e7, measured_memory=2e7, rounds=(0.15, 0.16, 0.17))]
+    summary = accuracy_summary(rows)
+    assert summary["time_median"] == pytest.approx((0.1 + 0.25) / 2)
+    assert summary["time_worst"] == pytest.approx(0.25)
+    assert summary["memory_worst"] == pytest.approx(0.1)
+    assert summary["tau"] == summary["tau_within"] == 1.0
+    table = accuracy_table(rows)
+    assert "| GPT dp | 2 | one stage on 2 | 90 ms | 100 ms | 95 ms–120 ms | 10.0% |" in table
+    assert "| step time | 17.5% | 25.0% | median ≤ 10% |" in table
+
+
+def test_a_case_runs_for_real_and_reports_every_rank(pools):
+    cluster = autopar.Cluster.preset("cpu", gpus_per_node=2).to_json()
+    kwargs = {"model": "mlp-tiny", "batch": 64, "strategy": "dp", "pipeline": None, "overrides": {},
+              "cluster": cluster, "rounds": 2, "steps": 2}
+    (got,) = pools(2).run([{"call": "autopar.bench_accuracy:measure", "kwargs": kwargs}])
+    assert "error" not in got, got.get("traceback")
+    assert len(got["times"]) == 2 and got["measured_time"] > 0 and got["predicted_time"] > 0
+    assert len(got["measured_memory"]) == len(got["predicted_memory"]) == 2
+    # dp holds the whole model on each rank: both ranks predicted and measured alike, within 25%.
+    for predicted, measured in zip(got["predicted_memory"], got["measured_memory"]):
+        assert predicted == pytest.approx(measured, rel=0.25)
