@@ -341,7 +341,7 @@ def _price_param(ctx: Context, strategy: Strategy, name: str, arg, held: ParamSh
             setattr(strategy, part, getattr(strategy, part) + c.time)
             strategy.collectives.append((name, phase, c))
     if ctx.ops is not None and ctx.ops.update is not None:  # the optimizer's step timed on the device
-        strategy.optimizer += update * ctx.ops.update
+        strategy.optimizer += update * ctx.ops.update + ctx.ops.per_tensor
         return
     touched = 2 * (w_bytes + state_bytes) + g_bytes  # read and write weights and state, read gradients
     device = ctx.device

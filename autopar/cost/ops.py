@@ -16,13 +16,18 @@ and scales both to the profiled device (other ranks share its cores there, not h
     t_device = t_here · r_here / r_profiled
 
 r is the 512×512×512 fp32 matmul rate for nodes that do FLOPs and the bandwidth of a large add for
-the rest, measured here at planning and taken from the profile. A node's share on `p` devices is
+the rest, taken from the profile and measured here before and after timing the nodes (the faster
+of the two: like every sample here, a rate is only lowered by what else the machine is doing). A node's share on `p` devices is
 o + (t − o) / p, o the profile's kernel overhead (`strategies.local_time`). Nodes too large to
 time here (over `_LARGEST` bytes or `_LONGEST` seconds predicted) and nodes whose op fails on
 random inputs keep the FLOPs-and-bytes price; so does every node once `budget` seconds are spent.
 
 The optimizer's update is timed the same way: one step of the plan's optimizer over `_ELEMENTS`
-parameters, giving seconds per updated element (`OpTimes.update`).
+parameters, giving seconds per updated element (`OpTimes.update`), and one step over `_TENSORS`
+tiny parameters, giving what each parameter tensor adds whatever its size (`OpTimes.per_tensor`:
+on a CPU the foreach kernels loop over the tensors, a dozen small kernels each):
+
+    t_update(tensor) = per_tensor + elements · update
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ _LONGEST = 0.05
 """Seconds (the FLOPs-and-bytes estimate) beyond which a node is not timed here."""
 _ELEMENTS = 2 ** 21
 """Parameters of the timed optimizer step."""
+_TENSORS = 128
+"""Tiny parameter tensors (64 elements each) of the step that times the per-tensor cost."""
 _SAMPLE = 0.005
 """Least seconds of one timed sample."""
 
@@ -53,6 +60,8 @@ class OpTimes:
     nodes: dict[str, tuple[float, float]] = field(default_factory=dict)
     update: float | None = None
     """Seconds per parameter element of one optimizer step; None when not timed."""
+    per_tensor: float = 0.0
+    """Seconds one optimizer step spends per parameter tensor beyond its elements."""
     seconds: float = 0.0
     """How long the timing took."""
 
@@ -83,7 +92,7 @@ def op_times(captured: CapturedGraph, profile, optimizer: str, *, budget: float 
 def _measure(captured: CapturedGraph, profile, optimizer: str, budget: float) -> OpTimes:
     start = time.perf_counter()
     device = torch.device("cuda" if profile.backend == "nccl" else "cpu")
-    matmul_scale, memory_scale = _scales(profile, device)
+    before = _scales(profile, device)
     times: dict[tuple, tuple[float, float] | None] = {}
     out = {}
     for node in captured.program.graph.nodes:
@@ -96,10 +105,19 @@ def _measure(captured: CapturedGraph, profile, optimizer: str, budget: float) ->
         if key not in times:
             times[key] = _time_node(node, info.requires_grad, device)
         if times[key] is not None:
-            scale = matmul_scale if info.flops else memory_scale
-            out[node.name] = (times[key][0] * scale, times[key][1] * scale)
-    update = _time_update(optimizer, device) * memory_scale if time.perf_counter() - start < budget else None
-    return OpTimes(nodes=out, update=update, seconds=time.perf_counter() - start)
+            out[node.name] = times[key]
+    after = _scales(profile, device)
+    matmul_scale, memory_scale = max(before[0], after[0]), max(before[1], after[1])
+    for name, (forward, backward) in out.items():
+        scale = matmul_scale if captured.nodes[name].flops else memory_scale
+        out[name] = (forward * scale, backward * scale)
+    update, per_tensor = None, 0.0
+    if time.perf_counter() - start < budget:
+        update = _time_update(optimizer, device, [_ELEMENTS]) / _ELEMENTS
+        tiny = _time_update(optimizer, device, [64] * _TENSORS)
+        per_tensor = max(tiny - 64 * _TENSORS * update, 0.0) / _TENSORS * memory_scale
+        update *= memory_scale
+    return OpTimes(nodes=out, update=update, per_tensor=per_tensor, seconds=time.perf_counter() - start)
 
 
 def _small(info, profile) -> bool:
@@ -153,26 +171,27 @@ def _time_node(node: torch.fx.Node, requires_grad: bool, device: torch.device) -
         return None
 
 
-def _time_update(optimizer: str, device: torch.device) -> float:
-    """Seconds per element of one step of `optimizer` (torch's, default settings) over `_ELEMENTS`."""
-    param = torch.nn.Parameter(torch.randn(_ELEMENTS, device=device))
-    param.grad = torch.randn_like(param)
+def _time_update(optimizer: str, device: torch.device, sizes: list[int]) -> float:
+    """Seconds of one step of `optimizer` (torch's, default settings) over parameters of `sizes`."""
+    params = [torch.nn.Parameter(torch.randn(n, device=device)) for n in sizes]
+    for param in params:
+        param.grad = torch.randn_like(param)
     make = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
     if optimizer == "momentum":
-        step = torch.optim.SGD([param], lr=1e-3, momentum=0.9)
+        step = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     else:
-        step = make.get(optimizer, torch.optim.AdamW)([param], lr=1e-3)
-    return _fastest(step.step, device) / _ELEMENTS
+        step = make.get(optimizer, torch.optim.AdamW)(params, lr=1e-3)
+    return _fastest(step.step, device)
 
 
 def _scales(profile, device: torch.device) -> tuple[float, float]:
     """(matmul, memory) ratios r_here / r_profiled of the module docstring."""
     side = min((r for r in profile.matmul if r.dtype == "fp32"), key=lambda r: abs(math.log2(r.m / 512)))
     a, b = torch.randn(side.m, side.k, device=device), torch.randn(side.k, side.n, device=device)
-    here = side.flops / _fastest(lambda: torch.mm(a, b), device)
+    here = side.flops / _fastest(lambda: torch.mm(a, b), device, repeats=15)
     x, y = torch.ones(2 ** 23, device=device), torch.ones(2 ** 23, device=device)
     z = torch.empty_like(x)
-    bandwidth = 3 * x.numel() * 4 / _fastest(lambda: torch.add(x, y, out=z), device)
+    bandwidth = 3 * x.numel() * 4 / _fastest(lambda: torch.add(x, y, out=z), device, repeats=15)
     return here / side.rate, bandwidth / profile.memory_bandwidth
 
 

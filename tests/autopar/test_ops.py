@@ -40,14 +40,15 @@ def test_times_are_scaled_to_the_profiled_device(monkeypatch):
     calls = []
     monkeypatch.setattr(ops, "_scales", lambda profile, device: (2.0, 3.0))
     monkeypatch.setattr(ops, "_time_node", lambda node, grad, device: calls.append(node.name) or (1e-3, 2e-3))
-    monkeypatch.setattr(ops, "_time_update", lambda optimizer, device: 1e-9)
+    monkeypatch.setattr(ops, "_time_update", lambda optimizer, device, sizes: 1e-9 * sum(sizes) + 1e-5 * len(sizes))
     captured = mlp_graph()
     times = ops._measure(captured, make_profile(), "adamw", budget=60.0)
     assert times.nodes and set(times.nodes) == set(calls)
     for name, (forward, backward) in times.nodes.items():
         scale = 2.0 if captured.nodes[name].flops else 3.0
         assert (forward, backward) == pytest.approx((1e-3 * scale, 2e-3 * scale))
-    assert times.update == pytest.approx(3e-9)
+    assert times.update == pytest.approx(3e-9 + 1e-5 / ops._ELEMENTS * 3)
+    assert times.per_tensor == pytest.approx(3 * (1e-5 - 1e-5 / ops._ELEMENTS * 64))
     assert all(captured.nodes[n].flops or captured.nodes[n].bytes_moved for n in times.nodes)  # views: not timed
 
 
@@ -59,6 +60,7 @@ def test_real_timings_of_a_small_graph():
     linears = [n for n in times.nodes if captured.nodes[n].op == "aten.linear.default"]
     assert linears and all(times.nodes[n][0] > 0 and times.nodes[n][1] > 0 for n in linears)
     assert times.update is not None and 0 < times.update < 1e-6  # seconds per element of an AdamW step
+    assert 0 < times.per_tensor < 1e-3  # and per parameter tensor: a dozen small kernels
     assert all(f >= 0 and b >= 0 for f, b in times.nodes.values())
 
 
