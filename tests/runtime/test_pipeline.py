@@ -38,7 +38,7 @@ def test_pipelines_train_like_one_device(schedule, stages, microbatches, pools):
         world=stages)
 
 
-@pytest.mark.parametrize("microbatches", [1, 2, 4, 8])
+@pytest.mark.parametrize("microbatches", [2, 4])  # 1 and 8 per schedule: test_pipelines_train_like_one_device
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved"])
 @pytest.mark.parametrize("inside", ["dp", "tp"])
 def test_pipelines_with_parallel_stages_train_like_one_device(inside, schedule, microbatches, pools):
