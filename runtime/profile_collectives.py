@@ -91,7 +91,8 @@ def in_step_seconds(call, device: torch.device, group, *, repeats: int, sample: 
     A single collective timed right after a barrier finds every rank waiting and its connections
     hot; inside a step the ranks arrive from computing, apart, with their communication threads
     asleep, which on CPU ranks sharing cores costs about twice the barrier-aligned time (2 gloo
-    ranks on 2 cores: 1.5–1.9 ms against 0.5–0.8 ms for 4 KiB). `inner` is agreed over the group
+    ranks on 2 cores: all-reduce α fitted at 1.74 ms in-step against 0.77 ms after a barrier;
+    BENCHMARKS.md, cost-model accuracy). `inner` is agreed over the group
     (each rank runs the same number of collectives), enough for a repeat to last `sample` seconds.
     On a GPU (no chunk) this is `median_seconds` of the collective after a barrier."""
     chunk = _chunk(device)

@@ -266,7 +266,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("profile", help="measure this machine's devices and links, and write a cluster file",
                        description="Time matmuls (fp32, bf16, fp16, tf32 on GPUs), memory bandwidth, the fixed "
                                    "cost of one kernel, and every collective over group sizes 2, 4, ... and "
-                                   "message sizes 4 KiB to 64 MiB (α and β least-squares fitted), on every rank "
+                                   "message sizes 4 KiB to 64 MiB, each timed after a chunk of computation as a "
+                                   "training step meets it (α and β least-squares fitted), on every rank "
                                    "at once; write a cluster JSON that `--cluster FILE` reads. Under torchrun "
                                    "every rank takes part and rank 0 writes; otherwise --nproc local ranks are "
                                    "started. CPU ranks get the machine's RAM divided among them as memory.")

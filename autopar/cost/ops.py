@@ -17,10 +17,11 @@ and scales both to the profiled device (other ranks share its cores there, not h
 
 r is the 512×512×512 fp32 matmul rate for nodes that do FLOPs and the bandwidth of a large add for
 the rest, taken from the profile and measured here before and after timing the nodes (the faster
-of the two: like every sample here, a rate is only lowered by what else the machine is doing). A node's share on `p` devices is
-o + (t − o) / p, o the profile's kernel overhead (`strategies.local_time`). Nodes too large to
-time here (over `_LARGEST` bytes or `_LONGEST` seconds predicted) and nodes whose op fails on
-random inputs keep the FLOPs-and-bytes price; so does every node once `budget` seconds are spent.
+of the two: like every sample here, a rate is only lowered by what else the machine is doing).
+A node's share on `p` devices is o + (t − o) / p, o the profile's kernel overhead
+(`strategies.local_time`). Nodes too large to time here (over `_LARGEST` bytes or `_LONGEST`
+seconds predicted) and nodes whose op fails on random inputs keep the FLOPs-and-bytes price; so
+does every node once `budget` seconds are spent.
 
 The optimizer's update is timed the same way: one step of the plan's optimizer over `_ELEMENTS`
 parameters, giving seconds per updated element (`OpTimes.update`), and one step over `_TENSORS`

@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import autopar
 from autopar import CaptureError, Cluster, InfeasibleError, PipelineSpec, Plan
@@ -269,7 +268,7 @@ def test_pipeline_specs_that_do_not_fit_the_cluster_or_batch(mlp):
         plan_mlp(mlp, CPU2, pipeline=PipelineSpec(stages=2, microbatches=10**9))
 
 
-# -- models that cannot be planned, and one that can with an op replicated -----------------------
+# -- models that cannot be planned (an op with no rule runs replicated: test_planner) -----------------
 
 class ValueBranch(nn.Module):
     def __init__(self):
@@ -292,20 +291,6 @@ def test_inputs_the_model_does_not_accept(mlp):
     with pytest.raises(CaptureError, match=r"\[4, 7\] X \[16, 64\].*required: a model torch\.export can trace"):
         autopar.plan(entry.build(device="meta"), CPU2, example_inputs=(torch.ones(4, 7),), loss_fn=entry.loss_fn,
                      target=target)
-
-
-def test_op_without_a_sharding_rule_is_reported_not_refused():
-    class Flipper(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(8, 8)
-
-        def forward(self, x):
-            return self.fc(torch.flip(x, dims=[1]))
-
-    plan = autopar.plan(Flipper(), CPU2, example_inputs=(torch.randn(4, 8),), loss_fn=F.mse_loss,
-                        target=torch.randn(4, 8))
-    assert any("aten.flip" in w and "runs replicated" in w for w in plan.warnings), plan.warnings
 
 
 def test_cluster_too_small_for_the_model_on_meta():
