@@ -33,6 +33,7 @@ class AccuracyCase:
     pipeline: dict[str, Any] | None = None
     """`passes.split.PipelineSpec`'s fields, for a pipelined plan."""
     overrides: dict[str, int] = field(default_factory=dict)
+    precision: str = "fp32"
 
 
 _GPT = {"n_layers": 4, "d_model": 128, "n_heads": 4, "d_head": 32, "vocab_size": 1024, "seq_len": 64}
@@ -59,6 +60,26 @@ ACCURACY_CASES = (
     AccuracyCase(label="MLP tp", model="mlp-tiny", world=4, batch=256, strategy="tp", overrides=_MLP),
 )
 
+_GPT_GPU = {"seq_len": 1024, "vocab_size": 32768}
+_LLAMA_GPU = {"n_layers": 8, "dim": 1024, "n_heads": 16, "n_kv_heads": 4, "ffn_dim": 2816, "vocab_size": 32768,
+              "seq_len": 1024}
+_MLP_GPU = {"d_in": 4096, "d_hidden": 16384, "d_out": 4096}
+
+GPU_CASES = (
+    AccuracyCase(label="GPT-3 111M fp32", model="gpt3-125m", world=1, batch=8, overrides=_GPT_GPU),
+    AccuracyCase(label="GPT-3 111M bf16", model="gpt3-125m", world=1, batch=8, overrides=_GPT_GPU, precision="bf16"),
+    AccuracyCase(label="GPT-3 111M bf16", model="gpt3-125m", world=1, batch=2, overrides=_GPT_GPU, precision="bf16"),
+    AccuracyCase(label="GPT-3 111M bf16", model="gpt3-125m", world=1, batch=32, overrides=_GPT_GPU,
+                 precision="bf16"),
+    AccuracyCase(label="Llama 157M bf16", model="llama-tiny", world=1, batch=8, overrides=_LLAMA_GPU,
+                 precision="bf16"),
+    AccuracyCase(label="MLP 134M fp32", model="mlp-tiny", world=1, batch=8192, overrides=_MLP_GPU),
+    AccuracyCase(label="MLP 134M bf16", model="mlp-tiny", world=1, batch=8192, overrides=_MLP_GPU, precision="bf16"),
+    AccuracyCase(label="GPT-3 337M bf16", model="gpt3-350m", world=1, batch=8, overrides=_GPT_GPU, precision="bf16"),
+)
+"""Plans on one GPU (`autopar bench accuracy --gpu`): no collectives, so these check the compute,
+memory-bound and optimizer times the cost model reads off the profiled device."""
+
 
 def _my_stage_memory(plan, rank: int) -> float:
     for stage in plan.stages:
@@ -68,37 +89,41 @@ def _my_stage_memory(plan, rank: int) -> float:
 
 
 def measure(*, model: str, batch: int, strategy: str, pipeline: dict | None, overrides: dict, cluster: str,
-            rounds: int = 5, steps: int = 3) -> dict[str, Any]:
-    """On every rank (inside `autopar.testing.RankPool`): compile the case's plan on `cluster`
-    (JSON), time `rounds` × `steps` training steps, then one more step under `LiveMemory`.
-    Returns the plan's predictions and, per rank, the measurements."""
+            rounds: int = 5, steps: int = 3, precision: str = "fp32") -> dict[str, Any]:
+    """On every rank (inside `autopar.testing.RankPool`, or a world of one GPU): compile the case's
+    plan on `cluster` (JSON), time `rounds` × `steps` training steps, then one more step under
+    `LiveMemory`. Returns the plan's predictions and, per rank, the measurements."""
     import autopar
-    from autopar import models
+    from autopar import models, presets
     from autopar.bench import describe
     from autopar.cluster import Cluster
     from autopar.passes.split import PipelineSpec
     from autopar.runtime.memory import LiveMemory
+    from autopar.runtime.timing import sync
 
     entry = models.get(model)
-    batch_args = overrides
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     with LiveMemory() as before:  # what this process already holds (earlier cases' leftovers): not this plan's
         pass
-    net = entry.build(seed=0, **overrides)
-    inputs, target = entry.example_batch(batch, seed=0, **batch_args)
-    compiled = autopar.compile(net, Cluster.from_json(cluster), example_inputs=inputs, loss_fn=entry.loss_fn,
-                               target=target, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-4), strategy=strategy,
-                               pipeline=PipelineSpec(**pipeline) if pipeline else False)
+    net = entry.build(device, seed=0, **overrides)
+    inputs, target = entry.example_batch(batch, seed=0, device=device, **overrides)
+    parsed = Cluster.from_json(cluster)
+    compiled = autopar.compile(net, parsed, example_inputs=inputs, loss_fn=entry.loss_fn, target=target,
+                               optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-4), strategy=strategy,
+                               precision=precision, pipeline=PipelineSpec(**pipeline) if pipeline else False)
     del net
     try:
-        batches = [entry.example_batch(batch, seed=s, **batch_args) for s in range(steps)]
+        batches = [entry.example_batch(batch, seed=s, device=device, **overrides) for s in range(steps)]
         for x, y in batches * 2:  # warm up: optimizer state, buffers, the allocator, gloo's threads
             compiled.step(*x, target=y)
         times = []
         for _ in range(rounds):
             dist.barrier()
+            sync(device)
             start = time.perf_counter()
             for x, y in batches:
                 compiled.step(*x, target=y)
+            sync(device)
             dist.barrier()
             times.append((time.perf_counter() - start) / steps)
         x, y = batches[0]
@@ -108,9 +133,11 @@ def measure(*, model: str, batch: int, strategy: str, pipeline: dict | None, ove
         peaks = [None] * dist.get_world_size()
         dist.all_gather_object(peaks, live.peak - before.start)
         plan = compiled.plan
+        flops = plan.cost.mfu * plan.cost.step_time * plan.num_devices * parsed.device.peak(plan.precision)
         return {"predicted_time": plan.cost.step_time, "measured_time": statistics.median(times), "times": times,
                 "predicted_memory": [_my_stage_memory(plan, r) for r in range(dist.get_world_size())],
-                "measured_memory": peaks, "plan": describe(plan)}
+                "measured_memory": peaks, "plan": describe(plan), "flops": flops,
+                "datasheet_peak": presets.local().device.peak(plan.precision)}
     finally:
         compiled.close()
 
@@ -126,6 +153,15 @@ class AccuracyRow:
     measured_memory: float
     rounds: tuple[float, ...] = ()
     """Seconds per step of each timed round (`measured_time` is their median)."""
+    flops: float = 0.0
+    """Model FLOPs of one step (forward and backward, all devices)."""
+    datasheet_peak: float = 0.0
+    """FLOP/s of one device in the plan's precision, from the datasheet preset of the device found."""
+
+    @property
+    def mfu(self) -> float:
+        """Model FLOPs utilization, measured: FLOPs per step / (step time × devices × datasheet peak)."""
+        return self.flops / (self.measured_time * self.case.world * self.datasheet_peak) if self.datasheet_peak else 0.0
 
     @property
     def time_error(self) -> float:
@@ -155,12 +191,47 @@ def accuracy_benchmark(clusters: dict[int, str], cases=ACCURACY_CASES, rounds: i
                 if "error" in got:
                     raise RuntimeError(f"{case.label} on {world} ranks: {got['error']}\n{got.get('traceback', '')}")
                 worst = max(range(world), key=lambda r: got["measured_memory"][r])
-                rows.append(AccuracyRow(case=case, plan=got["plan"], predicted_time=got["predicted_time"],
-                                        measured_time=got["measured_time"],
-                                        predicted_memory=got["predicted_memory"][worst],
-                                        measured_memory=got["measured_memory"][worst], rounds=tuple(got["times"])))
+                rows.append(_row(case, got))
                 if progress is not None:
                     progress(rows[-1])
+    return rows
+
+
+def _row(case: AccuracyCase, got: dict[str, Any]) -> AccuracyRow:
+    worst = max(range(case.world), key=lambda r: got["measured_memory"][r])
+    return AccuracyRow(case=case, plan=got["plan"], predicted_time=got["predicted_time"],
+                       measured_time=got["measured_time"], predicted_memory=got["predicted_memory"][worst],
+                       measured_memory=got["measured_memory"][worst], rounds=tuple(got["times"]),
+                       flops=got["flops"], datasheet_peak=got["datasheet_peak"])
+
+
+def gpu_accuracy_benchmark(cluster: str, cases=GPU_CASES, rounds: int = 5, progress=None) -> list[AccuracyRow]:
+    """Runs every case in this process on its first GPU, a world of one over NCCL; `cluster`: the
+    cluster JSON `autopar profile --nproc 1` measured on this GPU."""
+    import os
+    import socket
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench accuracy --gpu: found no CUDA device, required one (torch.cuda.is_available())")
+    if any(c.world != 1 for c in cases):
+        raise ValueError("bench accuracy --gpu: found a case of several ranks, required world size 1 for each")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    rows = []
+    try:
+        for case in cases:
+            got = measure(model=case.model, batch=case.batch, strategy=case.strategy, pipeline=case.pipeline,
+                          overrides=case.overrides, cluster=cluster, rounds=rounds, precision=case.precision)
+            rows.append(_row(case, got))
+            torch.cuda.empty_cache()
+            if progress is not None:
+                progress(rows[-1])
+    finally:
+        dist.destroy_process_group()
     return rows
 
 
@@ -197,13 +268,15 @@ def accuracy_summary(rows: list[AccuracyRow]) -> dict[str, float]:
 def accuracy_table(rows: list[AccuracyRow]) -> str:
     from autopar.units import fmt_bytes, fmt_seconds, markdown_table
 
-    header = ["model", "ranks", "plan", "predicted step", "measured step", "rounds", "error", "predicted memory",
-              "measured memory", "error"]
+    header = ["model", "ranks", "batch", "plan", "predicted step", "measured step", "rounds", "error",
+              "predicted memory", "measured memory", "error"]
+    mfu = all(r.datasheet_peak and r.flops for r in rows)
     spread = lambda r: f"{fmt_seconds(min(r.rounds))}–{fmt_seconds(max(r.rounds))}" if r.rounds else ""  # noqa: E731
-    lines = [markdown_table(header, [[r.case.label, str(r.case.world), r.plan, fmt_seconds(r.predicted_time),
-                                      fmt_seconds(r.measured_time), spread(r), f"{r.time_error:.1%}",
-                                      fmt_bytes(r.predicted_memory),
-                                      fmt_bytes(r.measured_memory), f"{r.memory_error:.1%}"] for r in rows])]
+    table = [[r.case.label, str(r.case.world), str(r.case.batch), r.plan, fmt_seconds(r.predicted_time),
+              fmt_seconds(r.measured_time), spread(r), f"{r.time_error:.1%}", fmt_bytes(r.predicted_memory),
+              fmt_bytes(r.measured_memory), f"{r.memory_error:.1%}"] + ([f"{r.mfu:.1%}"] if mfu else [])
+             for r in rows]
+    lines = [markdown_table(header + (["measured MFU"] if mfu else []), table)]
     s = accuracy_summary(rows)
     lines += ["", "| | median error | worst error | goal |", "|---|---|---|---|",
               f"| step time | {s['time_median']:.1%} | {s['time_worst']:.1%} | median ≤ 10% |",

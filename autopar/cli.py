@@ -128,7 +128,7 @@ def _run(args: argparse.Namespace) -> int:
                   steps=args.steps, strategy=args.strategy, batch_size=args.batch_size, lr=args.lr,
                   timeout=args.timeout, plan=args.plan, pipeline=pipeline_argv(args), precision=args.precision,
                   nodes=nodes.from_args(args), report=args.report, checkpoints=restarts.rank_argv(args),
-                  max_restarts=args.max_restarts)
+                  max_restarts=args.max_restarts, device=args.device)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -184,7 +184,7 @@ def _accuracy(args: argparse.Namespace) -> str:
     from autopar.runtime import profiler
 
     clusters = {}
-    for world in (2, 4):
+    for world in (1,) if args.gpu else (2, 4):
         given = getattr(args, f"cluster{world}")
         if given:
             clusters[world] = Cluster.load(given).to_json()
@@ -193,10 +193,17 @@ def _accuracy(args: argparse.Namespace) -> str:
             path = f"{tmp}/cluster{world}.json"
             profiler.spawn(world, path, quick=args.quick)
             clusters[world] = Cluster.load(path).to_json()
-    rows = bench_accuracy.accuracy_benchmark(clusters, rounds=args.rounds)
+    if args.gpu:
+        import torch
+
+        rows = bench_accuracy.gpu_accuracy_benchmark(clusters[1], rounds=args.rounds)
+        where = f"one {torch.cuda.get_device_name(0)} over NCCL (world size 1)"
+    else:
+        rows = bench_accuracy.accuracy_benchmark(clusters, rounds=args.rounds)
+        where = "local gloo ranks (one thread each)"
     table = bench_accuracy.accuracy_table(rows)
-    print(f"predicted against measured, AdamW training steps on local gloo ranks (one thread each) with the "
-          f"cluster `autopar profile` measured for that many ranks; {bench.machine()}\n\n{table}")
+    print(f"predicted against measured, AdamW training steps on {where} with the cluster `autopar profile` "
+          f"measured for that many ranks; {bench.machine()}\n\n{table}")
     return table
 
 
@@ -257,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Python script to run on every rank; its own arguments go after --")
     p.add_argument("--model", default=None, help="a zoo model (see `autopar models`)")
     p.add_argument("--nproc", type=int, default=2, help="processes (devices) on this machine (default: %(default)s)")
+    p.add_argument("--device", choices=["auto", "cpu"], default="auto",
+                   help="auto: a GPU per rank over NCCL where CUDA is available, else CPU ranks over gloo; cpu: CPU "
+                        "ranks over gloo on any machine (default: %(default)s)")
     p.add_argument("--steps", type=int, default=10, help="training steps (default: %(default)s)")
     p.add_argument("--strategy", default="auto", choices=["auto", "dp", "zero1", "zero2", "fsdp", "tp", "dp+tp", "sp"],
                    help="(default: %(default)s)")
@@ -303,7 +313,8 @@ def _add_bench(sub) -> None:
                                    "`pipeline`: auto with pipeline stages against the best Megatron-LM dp×tp×pp "
                                    "configuration, 8 to 1024 GPUs. "
                                    "`accuracy`: predicted against measured step time and memory of 16 plans on "
-                                   "2 and 4 local ranks, profiled first. "
+                                   "2 and 4 local ranks, profiled first (with --gpu: 8 plans on this machine's "
+                                   "first GPU). "
                                    "`runtime`: step times of autopar's dp, fsdp, tp and auto plans against "
                                    "DistributedDataParallel, FSDP2 and parallelize_module on local gloo ranks.")
     p.add_argument("suite", choices=["capture", "planner", "pipeline", "runtime", "quant", "accuracy"],
@@ -318,6 +329,11 @@ def _add_bench(sub) -> None:
     p.add_argument("--cluster4", default=None, metavar="FILE",
                    help="accuracy: the cluster file of 4 local ranks (default: profile them first)")
     p.add_argument("--quick", action="store_true", help="accuracy: profile with fewer measurements")
+    p.add_argument("--gpu", action="store_true",
+                   help="accuracy: one-GPU plans (GPT-3 111M and 337M, a Llama, an MLP; fp32 and bf16) on this "
+                        "machine's first GPU over NCCL, instead of the 2- and 4-rank CPU cases")
+    p.add_argument("--cluster1", default=None, metavar="FILE",
+                   help="accuracy --gpu: the cluster file of this GPU (default: profile it first)")
     p.set_defaults(run=_bench)
 
 

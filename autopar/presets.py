@@ -92,7 +92,8 @@ def local() -> Cluster:
 
     Under torchrun with no process group yet, initializes it first (NCCL when CUDA is available,
     gloo otherwise). Nodes and devices per node come from `node_layout`; the device is this
-    process's GPU when CUDA is available, else a CPU rank.
+    process's GPU when CUDA is available and the world (if any) runs over NCCL, else a CPU rank (a
+    gloo world runs on CPUs whatever the machine has: `runtime.world`).
     """
     import dataclasses
 
@@ -106,7 +107,8 @@ def local() -> Cluster:
     init_from_env()
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     nodes, per_node = node_layout(os.environ, world) if world > 1 else (1, 1)
-    if torch.cuda.is_available():
+    initialized = dist.is_available() and dist.is_initialized()
+    if torch.cuda.is_available() and (not initialized or dist.get_backend() == "nccl"):
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         preset = next((p for key, p in (("H100", "h100"), ("A100", "a100"), ("V100", "v100")) if key in props.name),
                       None)

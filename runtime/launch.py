@@ -33,14 +33,22 @@ def torchrun_command(nproc: int, target: list[str], nodes: Nodes | None = None, 
 def launch(*, nproc: int, model: str | None, script: str | None, script_args: list[str], steps: int,
            strategy: str, batch_size: int, lr: float, timeout: float, plan: str | None = None,
            pipeline: list[str] | None = None, precision: str = "fp32", nodes: Nodes | None = None,
-           report: str | None = None, checkpoints: list[str] | None = None, max_restarts: int = 0) -> int:
+           report: str | None = None, checkpoints: list[str] | None = None, max_restarts: int = 0,
+           device: str = "auto") -> int:
     """Run torchrun and return its exit code. `report`: a JSON file rank 0 writes (see `train`).
-    `checkpoints`: --save-every/--resume for the ranks (`runtime.restarts.rank_argv`)."""
+    `checkpoints`: --save-every/--resume for the ranks (`runtime.restarts.rank_argv`). `device`:
+    "auto" (a GPU per rank over NCCL where CUDA is available, else CPU ranks over gloo) or "cpu"."""
     if (model is None) == (script is None):
         raise ValueError("autopar run: found " + ("both --model and a script" if model else "neither --model nor a "
                          "script") + ", required exactly one")
     if nproc < 1:
         raise ValueError(f"--nproc: found {nproc}, required >= 1")
+    if device not in ("auto", "cpu"):
+        raise ValueError(f"--device: found {device!r}, required 'auto' or 'cpu'")
+    gpus = _gpus() if device == "auto" else 0
+    if gpus and nproc > gpus:
+        raise ValueError(f"--nproc: found {nproc}, required at most the {gpus} GPU(s) here (NCCL takes one GPU per "
+                         f"rank; --device cpu runs CPU ranks over gloo)")
     if plan is not None:
         check_plan_file(plan, nproc * (nodes.count if nodes is not None else 1))
     if report and script is not None:
@@ -58,9 +66,17 @@ def launch(*, nproc: int, model: str | None, script: str | None, script_args: li
                   "--batch-size", str(batch_size), "--lr", str(lr), "--timeout", str(timeout),
                   "--precision", precision, *(["--report", report] if report else []), *(checkpoints or [])]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the ranks see no GPU: gloo on CPUs (`runtime.world.init_from_env`)
     if max_restarts:  # a fresh store per attempt: in the agent's shared one, restarted ranks can read the
         env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # last attempt's addresses (pytorch#135712)
     return subprocess.run(torchrun_command(nproc, target, nodes, max_restarts), env=env).returncode
+
+
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def check_plan_file(path: str, world: int) -> None:

@@ -200,28 +200,40 @@ def _ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _spawned(rank: int, world: int, port: int, out: str, quick: bool, threads: int) -> None:
+def _spawned(rank: int, world: int, port: int, out: str, quick: bool, threads: int, device: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    if device == "cpu":
+        hide_gpus()
     torch.set_num_threads(threads)
     run_rank(out, quick=quick)
 
 
-def spawn(nproc: int, out: str | os.PathLike, *, quick: bool = False, timeout: float = 1800.0) -> None:
+def hide_gpus() -> None:
+    """Make this process see no GPU (before anything touches CUDA): its ranks are CPU ranks over gloo."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def spawn(nproc: int, out: str | os.PathLike, *, quick: bool = False, timeout: float = 1800.0,
+          device: str = "auto") -> None:
     """`autopar profile` outside torchrun: `nproc` local ranks, one thread each unless OMP_NUM_THREADS
-    says otherwise (as `autopar run` starts them). Raises `AutoparError` when a rank fails or the
-    whole takes longer than `timeout` seconds; every rank is stopped either way."""
+    says otherwise (as `autopar run` starts them). `device`: "auto" (a GPU per rank over NCCL where
+    CUDA is available, else CPU ranks over gloo) or "cpu" (CPU ranks whatever the machine has).
+    Raises `AutoparError` when a rank fails or the whole takes longer than `timeout` seconds; every
+    rank is stopped either way."""
     if not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"--nproc: found {nproc!r}, required an integer >= 1")
-    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+    if device not in ("auto", "cpu"):
+        raise ValueError(f"--device: found {device!r}, required 'auto' or 'cpu'")
+    if device == "auto" and torch.cuda.is_available() and nproc > torch.cuda.device_count():
         raise ValueError(f"--nproc: found {nproc}, required at most the {torch.cuda.device_count()} GPU(s) here "
-                         f"(NCCL takes one GPU per rank)")
+                         f"(NCCL takes one GPU per rank; --device cpu profiles CPU ranks)")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     context = mp.get_context("spawn")
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
-    procs = [context.Process(target=_spawned, args=(r, nproc, port, str(out), quick, threads), daemon=True)
+    procs = [context.Process(target=_spawned, args=(r, nproc, port, str(out), quick, threads, device), daemon=True)
              for r in range(nproc)]
     for proc in procs:
         proc.start()
@@ -276,17 +288,22 @@ def add_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="fewer and smaller measurements (seconds, not minutes)")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds the whole profile may take, outside torchrun (default: %(default)s)")
+    p.add_argument("--device", choices=["auto", "cpu"], default="auto",
+                   help="auto: a GPU per rank over NCCL where CUDA is available, else CPU ranks over gloo; cpu: "
+                        "CPU ranks over gloo on any machine (default: %(default)s)")
     p.set_defaults(run=_command)
 
 
 def _command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if "WORLD_SIZE" in os.environ:
+        if args.device == "cpu":  # this process is a rank
+            hide_gpus()
         cluster = run_rank(args.out, quick=args.quick)
         if cluster is None:
             return 0
     else:
-        spawn(args.nproc, args.out, quick=args.quick, timeout=args.timeout)
+        spawn(args.nproc, args.out, quick=args.quick, timeout=args.timeout, device=args.device)
         from autopar.cluster import Cluster
 
         cluster = Cluster.load(args.out)

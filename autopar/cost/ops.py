@@ -9,15 +9,22 @@ the planner times every node of the graph instead, once per distinct (op, argume
 dtypes, constants), on random inputs of the node's shapes:
 
     forward  = fastest time of the op
-    backward = fastest time of the op and its `torch.autograd.grad` − forward
+    backward = fastest time of the op and its `torch.autograd.grad` − forward − g
+
+g is what one `torch.autograd.grad` call costs whatever it differentiates (the engine's start, on a
+GPU its hand-off to the device's thread: about 50 µs on a CPU, more on a GPU), timed on x·2 of 64
+elements as its both − 2 · forward. A training step pays it once, not once per node.
 
 and scales both to the profiled device (other ranks share its cores there, not here):
 
     t_device = t_here · r_here / r_profiled
 
-r is the 512×512×512 fp32 matmul rate for nodes that do FLOPs and the bandwidth of a large add for
-the rest, taken from the profile and measured here before and after timing the nodes (the faster
-of the two: like every sample here, a rate is only lowered by what else the machine is doing).
+r is an fp32 matmul rate for nodes that do FLOPs and the bandwidth of a large add for the rest,
+taken from the profile and measured here before and after timing the nodes (the faster of the two:
+like every sample here, a rate is only lowered by what else the machine is doing). On a CPU the
+matmul is the profile's nearest to 512×512×512 and the add 2²³ elements; on a GPU the profile's
+largest matmul and 2²⁶ elements, since smaller ones time the launch and the L2 cache, not the
+device (50 MB of L2 on an H100).
 A node's share on `p` devices is o + (t − o) / p, o the profile's kernel overhead
 (`strategies.local_time`). Nodes too large to time here (over `_LARGEST` bytes or `_LONGEST`
 seconds predicted) and nodes whose op fails on random inputs keep the FLOPs-and-bytes price; so
@@ -94,6 +101,7 @@ def _measure(captured: CapturedGraph, profile, optimizer: str, budget: float) ->
     start = time.perf_counter()
     device = torch.device("cuda" if profile.backend == "nccl" else "cpu")
     before = _scales(profile, device)
+    grad_call = _grad_call(device)
     times: dict[tuple, tuple[float, float] | None] = {}
     out = {}
     for node in captured.program.graph.nodes:
@@ -104,7 +112,7 @@ def _measure(captured: CapturedGraph, profile, optimizer: str, budget: float) ->
             continue
         key = _key(node)
         if key not in times:
-            times[key] = _time_node(node, info.requires_grad, device)
+            times[key] = _time_node(node, info.requires_grad, device, grad_call)
         if times[key] is not None:
             out[node.name] = times[key]
     after = _scales(profile, device)
@@ -145,8 +153,10 @@ def _real(value, device: torch.device):
     return torch.zeros(value.shape, dtype=value.dtype, device=device)
 
 
-def _time_node(node: torch.fx.Node, requires_grad: bool, device: torch.device) -> tuple[float, float] | None:
-    """(forward, backward) seconds of the node's op on random inputs; None when it fails on them."""
+def _time_node(node: torch.fx.Node, requires_grad: bool, device: torch.device,
+               grad_call: float = 0.0) -> tuple[float, float] | None:
+    """(forward, backward) seconds of the node's op on random inputs; None when it fails on them.
+    `grad_call`: the fixed cost of one `torch.autograd.grad` call (`_grad_call`), not the node's."""
     real = lambda a: _real(a.meta.get("val"), device) if isinstance(a, torch.fx.Node) else a  # noqa: E731
     args, kwargs = pytree.tree_map(real, (node.args, node.kwargs))
     run = lambda: node.target(*args, **kwargs)  # noqa: E731
@@ -167,7 +177,7 @@ def _time_node(node: torch.fx.Node, requires_grad: bool, device: torch.device) -
             made = [t for t in pytree.tree_leaves(run()) if isinstance(t, torch.Tensor) and t.requires_grad]
             torch.autograd.grad(made, leaves, grads, allow_unused=True)
 
-        return forward, max(_fastest(both, device) - forward, 0.0)
+        return forward, max(_fastest(both, device) - forward - grad_call, 0.0)
     except (RuntimeError, ValueError, TypeError, IndexError):
         return None
 
@@ -185,12 +195,26 @@ def _time_update(optimizer: str, device: torch.device, sizes: list[int]) -> floa
     return _fastest(step.step, device)
 
 
+def _grad_call(device: torch.device) -> float:
+    """Seconds one `torch.autograd.grad` call costs beyond its nodes: both − 2 · forward of x·2
+    (the backward of x·2 is one such multiply), x of 64 elements."""
+    x = torch.randn(64, device=device, requires_grad=True)
+    g = torch.randn(64, device=device)
+    forward = _fastest(lambda: x.mul(2), device)
+    both = _fastest(lambda: torch.autograd.grad(x.mul(2), x, g), device)
+    return max(both - 2 * forward, 0.0)
+
+
 def _scales(profile, device: torch.device) -> tuple[float, float]:
     """(matmul, memory) ratios r_here / r_profiled of the module docstring."""
-    side = min((r for r in profile.matmul if r.dtype == "fp32"), key=lambda r: abs(math.log2(r.m / 512)))
+    fp32 = [r for r in profile.matmul if r.dtype == "fp32"]
+    if device.type == "cuda":
+        side, elements = max(fp32, key=lambda r: r.flops), 2 ** 26
+    else:
+        side, elements = min(fp32, key=lambda r: abs(math.log2(r.m / 512))), 2 ** 23
     a, b = torch.randn(side.m, side.k, device=device), torch.randn(side.k, side.n, device=device)
     here = side.flops / _fastest(lambda: torch.mm(a, b), device, repeats=15)
-    x, y = torch.ones(2 ** 23, device=device), torch.ones(2 ** 23, device=device)
+    x, y = torch.ones(elements, device=device), torch.ones(elements, device=device)
     z = torch.empty_like(x)
     bandwidth = 3 * x.numel() * 4 / _fastest(lambda: torch.add(x, y, out=z), device, repeats=15)
     return here / side.rate, bandwidth / profile.memory_bandwidth

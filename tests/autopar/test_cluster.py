@@ -99,3 +99,22 @@ def test_not_json_at_all():
 def test_local_is_one_device_without_a_process_group():
     c = Cluster.local()
     assert c.num_devices == 1 and c.nodes == 1
+
+
+def test_local_in_a_gloo_world_is_a_cpu_even_where_cuda_is_available(monkeypatch):
+    """A gloo world runs on CPUs (runtime.world): planning it as the machine's GPU would price it wrong."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        c = Cluster.local()
+        assert c.name == "local-cpu" and c.backend == "gloo" and c.num_devices == 1
+    finally:
+        dist.destroy_process_group()

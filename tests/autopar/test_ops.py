@@ -39,7 +39,7 @@ def test_times_are_scaled_to_the_profiled_device(monkeypatch):
     per distinct op and shapes."""
     calls = []
     monkeypatch.setattr(ops, "_scales", lambda profile, device: (2.0, 3.0))
-    monkeypatch.setattr(ops, "_time_node", lambda node, grad, device: calls.append(node.name) or (1e-3, 2e-3))
+    monkeypatch.setattr(ops, "_time_node", lambda node, grad, device, grad_call: calls.append(node.name) or (1e-3, 2e-3))
     monkeypatch.setattr(ops, "_time_update", lambda optimizer, device, sizes: 1e-9 * sum(sizes) + 1e-5 * len(sizes))
     captured = mlp_graph()
     times = ops._measure(captured, make_profile(), "adamw", budget=60.0)
@@ -50,6 +50,17 @@ def test_times_are_scaled_to_the_profiled_device(monkeypatch):
     assert times.update == pytest.approx(3e-9 + 1e-5 / ops._ELEMENTS * 3)
     assert times.per_tensor == pytest.approx(3 * (1e-5 - 1e-5 / ops._ELEMENTS * 64))
     assert all(captured.nodes[n].flops or captured.nodes[n].bytes_moved for n in times.nodes)  # views: not timed
+
+
+def test_the_fixed_cost_of_a_grad_call_is_taken_out_of_each_backward():
+    """A step runs one backward over every node: the engine's start, timed once, is not a node's."""
+    cpu = torch.device("cpu")
+    fixed = ops._grad_call(cpu)
+    assert 0 < fixed < 1e-3
+    node = next(n for n in mlp_graph().program.graph.nodes if str(n.target) == "aten.linear.default")
+    forward, whole = ops._time_node(node, True, cpu)
+    assert forward > 0 and whole > 0
+    assert ops._time_node(node, True, cpu, grad_call=1.0) == (pytest.approx(forward, rel=1.0), 0.0)  # clamped
 
 
 def test_real_timings_of_a_small_graph():

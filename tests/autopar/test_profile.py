@@ -192,7 +192,7 @@ def test_profile_command_help(capsys):
 
 def test_spawned_ranks_that_run_too_long_are_stopped(tmp_path):
     with pytest.raises(AutoparError, match="still running after 0.5 s"):
-        profiler.spawn(2, tmp_path / "c.json", quick=True, timeout=0.5)
+        profiler.spawn(2, tmp_path / "c.json", quick=True, timeout=0.5, device="cpu")
     assert not (tmp_path / "c.json").exists()
 
 
@@ -200,7 +200,7 @@ def test_spawned_ranks_that_run_too_long_are_stopped(tmp_path):
 def quick_profile(tmp_path_factory):
     """`autopar profile --quick --nproc 2`, run once for the tests below."""
     path = tmp_path_factory.mktemp("profile") / "cluster.json"
-    code = main(["profile", "--out", str(path), "--nproc", "2", "--quick", "--timeout", "240"])
+    code = main(["profile", "--out", str(path), "--nproc", "2", "--quick", "--timeout", "240", "--device", "cpu"])
     return code, path
 
 

@@ -1,5 +1,7 @@
 """`autopar bench accuracy`: Kendall's τ, the table, and one case measured for real on 2 ranks."""
 
+import dataclasses
+
 import pytest
 
 import autopar
@@ -31,8 +33,13 @@ def test_the_table_reports_errors_rounds_and_the_summary():
     assert summary["memory_worst"] == pytest.approx(0.1)
     assert summary["tau"] == summary["tau_within"] == 1.0
     table = accuracy_table(rows)
-    assert "| GPT dp | 2 | one stage on 2 | 90 ms | 100 ms | 95 ms–120 ms | 10.0% |" in table
+    assert "| GPT dp | 2 | 16 | one stage on 2 | 90 ms | 100 ms | 95 ms–120 ms | 10.0% |" in table
     assert "| step time | 17.5% | 25.0% | median ≤ 10% |" in table
+    assert "MFU" not in table  # no FLOPs or peak known
+    # MFU = FLOPs per step / (step time × devices × datasheet peak): 4e12 / (0.1 × 2 × 1e14) = 20%
+    with_mfu = [dataclasses.replace(r, flops=4e12, datasheet_peak=1e14) for r in rows]
+    assert with_mfu[0].mfu == pytest.approx(0.2)
+    assert accuracy_table(with_mfu).splitlines()[2].endswith("| 10.0% | 20.0% |")
 
 
 def test_a_case_runs_for_real_and_reports_every_rank(pools):
@@ -42,6 +49,7 @@ def test_a_case_runs_for_real_and_reports_every_rank(pools):
     (got,) = pools(2).run([{"call": "autopar.bench_accuracy:measure", "kwargs": kwargs}])
     assert "error" not in got, got.get("traceback")
     assert len(got["times"]) == 2 and got["measured_time"] > 0 and got["predicted_time"] > 0
+    assert got["flops"] > 0 and got["datasheet_peak"] > 0
     assert len(got["measured_memory"]) == len(got["predicted_memory"]) == 2
     # dp holds the whole model on each rank: both ranks predicted and measured alike, within 25%.
     for predicted, measured in zip(got["predicted_memory"], got["measured_memory"]):

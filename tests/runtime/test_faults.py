@@ -23,7 +23,7 @@ def launch(*argv, crash: str | None = None, timeout: float = 300):
     seconds since the start at which it arrived, seconds until exit)."""
     env = {**os.environ, **({"AUTOPAR_CRASH": crash} if crash else {})}
     start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "autopar.cli", "run", *argv], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "autopar.cli", "run", "--device", "cpu", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     watchdog = threading.Timer(timeout, proc.kill)  # nothing hangs the suite
     watchdog.start()

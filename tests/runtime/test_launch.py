@@ -10,8 +10,8 @@ from autopar.cli import main
 
 
 def run(*argv):
-    return subprocess.run([sys.executable, "-m", "autopar.cli", "run", *argv], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", "autopar.cli", "run", "--device", "cpu", *argv], capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_trains_a_zoo_model_and_prints_losses_and_step_times():
@@ -53,3 +53,14 @@ def test_bad_launches_are_explained(capsys, tmp_path):
 def test_nproc_must_be_positive(nproc, capsys):
     assert main(["run", "--model", "mlp-tiny", "--nproc", str(nproc)]) == 2
     assert "--nproc: found 0" in capsys.readouterr().err
+
+
+def test_more_ranks_than_gpus_are_explained_before_torchrun_starts(capsys, monkeypatch):
+    from autopar.runtime import launch
+
+    monkeypatch.setattr(launch, "_gpus", lambda: 1)
+    assert main(["run", "--model", "mlp-tiny", "--nproc", "2"]) == 2
+    assert "--nproc: found 2, required at most the 1 GPU(s) here" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--device: found 'tpu'"):
+        launch.launch(nproc=1, model="mlp-tiny", script=None, script_args=[], steps=1, strategy="dp", batch_size=8,
+                      lr=0.1, timeout=10.0, device="tpu")

@@ -21,7 +21,7 @@ STEPS = 3
 
 
 def start_node(node_rank: int, port: int, report) -> subprocess.Popen:
-    command = [sys.executable, "-m", "autopar.cli", "run", "--model", "mlp-tiny", "--strategy", "dp+tp",
+    command = [sys.executable, "-m", "autopar.cli", "run", "--device", "cpu", "--model", "mlp-tiny", "--strategy", "dp+tp",
                "--steps", str(STEPS), "--nproc", "2", "--nnodes", "2", "--node-rank", str(node_rank),
                "--rdzv-endpoint", f"127.0.0.1:{port}", "--timeout", "60", "--report", str(report)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
