@@ -137,7 +137,7 @@ def measure(*, model: str, batch: int, strategy: str, pipeline: dict | None, ove
         return {"predicted_time": plan.cost.step_time, "measured_time": statistics.median(times), "times": times,
                 "predicted_memory": [_my_stage_memory(plan, r) for r in range(dist.get_world_size())],
                 "measured_memory": peaks, "plan": describe(plan), "flops": flops,
-                "datasheet_peak": presets.local().device.peak(plan.precision)}
+                "datasheet_peak": presets.local().device.peak(plan.precision) if device.type == "cuda" else 0.0}
     finally:
         compiled.close()
 
@@ -156,7 +156,8 @@ class AccuracyRow:
     flops: float = 0.0
     """Model FLOPs of one step (forward and backward, all devices)."""
     datasheet_peak: float = 0.0
-    """FLOP/s of one device in the plan's precision, from the datasheet preset of the device found."""
+    """FLOP/s of one GPU in the plan's precision, from the datasheet preset of the GPU found (0 on CPUs,
+    whose preset is no datasheet figure: no MFU is reported for them)."""
 
     @property
     def mfu(self) -> float:
@@ -220,7 +221,7 @@ def gpu_accuracy_benchmark(cluster: str, cases=GPU_CASES, rounds: int = 5, progr
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     torch.cuda.set_device(0)
-    dist.init_process_group("nccl", rank=0, world_size=1)
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
     rows = []
     try:
         for case in cases:

@@ -6,10 +6,10 @@
     autopar clusters [--show h100 --nodes 2 --json > cluster.json]
     autopar plan --model gpt3-1.3b --cluster h100 --nodes 2 --batch-size 16 --out plan.json
     autopar bench capture --models gpt3-175b
-    autopar profile --out cluster.json --nproc 2
+    autopar profile --out cluster.json --nproc 2            # --device cpu: CPU ranks on a GPU machine
     autopar viz plan.json --out dump/
-    autopar profile --out cluster.json --nproc 4
-    autopar bench accuracy --profile
+    autopar bench accuracy                                  # profiles 2 and 4 ranks first
+    autopar bench accuracy --gpu                            # one-GPU plans, profiled first
     autopar demo
 """
 
