@@ -100,9 +100,10 @@ def measure(*, model: str, batch: int, strategy: str, pipeline: dict | None, ove
     from autopar.passes.split import PipelineSpec
     from autopar.runtime.memory import LiveMemory
     from autopar.runtime.timing import sync
+    from autopar.runtime.world import this_device
 
     entry = models.get(model)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = this_device()
     with LiveMemory() as before:  # what this process already holds (earlier cases' leftovers): not this plan's
         pass
     net = entry.build(device, seed=0, **overrides)
@@ -210,16 +211,15 @@ def gpu_accuracy_benchmark(cluster: str, cases=GPU_CASES, rounds: int = 5, progr
     """Runs every case in this process on its first GPU, a world of one over NCCL; `cluster`: the
     cluster JSON `autopar profile --nproc 1` measured on this GPU."""
     import os
-    import socket
+
+    from autopar.runtime.world import free_port
 
     if not torch.cuda.is_available():
         raise RuntimeError("bench accuracy --gpu: found no CUDA device, required one (torch.cuda.is_available())")
     if any(c.world != 1 for c in cases):
         raise ValueError("bench accuracy --gpu: found a case of several ranks, required world size 1 for each")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]), RANK="0", WORLD_SIZE="1",
-                          LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
     rows = []

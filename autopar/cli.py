@@ -22,7 +22,7 @@ import sys
 from autopar.cluster import Cluster
 from autopar.errors import AutoparError
 from autopar.runtime import profiler
-from autopar.runtime.launch import pipeline_args, pipeline_argv, pipeline_spec
+from autopar.runtime.launch import add_device_argument, pipeline_args, pipeline_argv, pipeline_spec
 from autopar.runtime.restarts import add_args as restarts_args
 from autopar.runtime.nodes import add_args as nodes_args
 from autopar.viz import command as viz_command
@@ -264,9 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Python script to run on every rank; its own arguments go after --")
     p.add_argument("--model", default=None, help="a zoo model (see `autopar models`)")
     p.add_argument("--nproc", type=int, default=2, help="processes (devices) on this machine (default: %(default)s)")
-    p.add_argument("--device", choices=["auto", "cpu"], default="auto",
-                   help="auto: a GPU per rank over NCCL where CUDA is available, else CPU ranks over gloo; cpu: CPU "
-                        "ranks over gloo on any machine (default: %(default)s)")
+    add_device_argument(p)
     p.add_argument("--steps", type=int, default=10, help="training steps (default: %(default)s)")
     p.add_argument("--strategy", default="auto", choices=["auto", "dp", "zero1", "zero2", "fsdp", "tp", "dp+tp", "sp"],
                    help="(default: %(default)s)")

@@ -91,24 +91,23 @@ def local() -> Cluster:
     """The running torch.distributed world, or one device in a plain process.
 
     Under torchrun with no process group yet, initializes it first (NCCL when CUDA is available,
-    gloo otherwise). Nodes and devices per node come from `node_layout`; the device is this
-    process's GPU when CUDA is available and the world (if any) runs over NCCL, else a CPU rank (a
-    gloo world runs on CPUs whatever the machine has: `runtime.world`).
+    gloo otherwise). Nodes and devices per node come from `node_layout`; the device is the one this
+    process computes on (`runtime.world.this_device`: its GPU, or a CPU rank in a gloo world or
+    where there is no CUDA).
     """
     import dataclasses
 
     import torch
     import torch.distributed as dist
 
-    from autopar.runtime.world import init_from_env
+    from autopar.runtime.world import init_from_env, this_device
 
     if "WORLD_SIZE" in os.environ:  # a launch whose nodes disagree fails here, before joining the world
         node_layout(os.environ, _env_int(os.environ, "WORLD_SIZE"))
     init_from_env()
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     nodes, per_node = node_layout(os.environ, world) if world > 1 else (1, 1)
-    initialized = dist.is_available() and dist.is_initialized()
-    if torch.cuda.is_available() and (not initialized or dist.get_backend() == "nccl"):
+    if this_device().type == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         preset = next((p for key, p in (("H100", "h100"), ("A100", "a100"), ("V100", "v100")) if key in props.name),
                       None)

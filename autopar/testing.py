@@ -18,11 +18,12 @@ import json
 import math
 import multiprocessing as mp
 import os
-import socket
 import traceback
 from typing import Any
 
 import torch
+
+from autopar.runtime.world import free_port  # noqa: F401 (tests take it from here)
 
 DEFAULTS = {"batch": 8, "steps": 5, "lr": 1e-3, "seed": 0, "strategy": "auto", "timeout": 60.0, "optimizer": "adamw",
             "dtype": "float32"}
@@ -228,12 +229,6 @@ def check_transforms() -> list[str]:
                 failures.append(f"backward of {fmt(src)} -> {fmt(dst)}")
     world.close()
     return failures
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RankPool:

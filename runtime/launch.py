@@ -43,12 +43,7 @@ def launch(*, nproc: int, model: str | None, script: str | None, script_args: li
                          "script") + ", required exactly one")
     if nproc < 1:
         raise ValueError(f"--nproc: found {nproc}, required >= 1")
-    if device not in ("auto", "cpu"):
-        raise ValueError(f"--device: found {device!r}, required 'auto' or 'cpu'")
-    gpus = _gpus() if device == "auto" else 0
-    if gpus and nproc > gpus:
-        raise ValueError(f"--nproc: found {nproc}, required at most the {gpus} GPU(s) here (NCCL takes one GPU per "
-                         f"rank; --device cpu runs CPU ranks over gloo)")
+    check_local_ranks(nproc, device)
     if plan is not None:
         check_plan_file(plan, nproc * (nodes.count if nodes is not None else 1))
     if report and script is not None:
@@ -67,10 +62,34 @@ def launch(*, nproc: int, model: str | None, script: str | None, script_args: li
                   "--precision", precision, *(["--report", report] if report else []), *(checkpoints or [])]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""  # the ranks see no GPU: gloo on CPUs (`runtime.world.init_from_env`)
+        env.update(CPU_ONLY)
     if max_restarts:  # a fresh store per attempt: in the agent's shared one, restarted ranks can read the
         env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # last attempt's addresses (pytorch#135712)
     return subprocess.run(torchrun_command(nproc, target, nodes, max_restarts), env=env).returncode
+
+
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
+"""The environment of a process that is to see no GPU: its ranks join gloo on CPUs
+(`runtime.world.init_from_env`). Set before anything touches CUDA."""
+
+
+def check_local_ranks(nproc: int, device: str) -> None:
+    """`nproc` ranks on this machine with `device` ("auto": a GPU per rank over NCCL where CUDA is
+    available, else CPU ranks over gloo; "cpu": CPU ranks over gloo whatever the machine has), or a
+    ValueError saying what does not fit, before any rank starts."""
+    if device not in ("auto", "cpu"):
+        raise ValueError(f"--device: found {device!r}, required 'auto' or 'cpu'")
+    gpus = _gpus() if device == "auto" else 0
+    if gpus and nproc > gpus:
+        raise ValueError(f"--nproc: found {nproc}, required at most the {gpus} GPU(s) here (NCCL takes one GPU per "
+                         f"rank; --device cpu runs CPU ranks over gloo)")
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """--device of the commands that start local ranks (`autopar run`, `autopar profile`)."""
+    parser.add_argument("--device", choices=["auto", "cpu"], default="auto",
+                        help="auto: a GPU per rank over NCCL where CUDA is available, else CPU ranks over gloo; cpu: "
+                             "CPU ranks over gloo on any machine (default: %(default)s)")
 
 
 def _gpus() -> int:

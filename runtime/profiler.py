@@ -31,7 +31,6 @@ import io
 import logging
 import multiprocessing as mp
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -42,8 +41,10 @@ import torch.distributed as dist
 from autopar.cost.profile import PROFILED, MatmulRate, Profile, calibrated
 from autopar.errors import AutoparError
 from autopar.progress import Bar
+from autopar.runtime.launch import CPU_ONLY, add_device_argument, check_local_ranks
 from autopar.runtime.profile_collectives import group_sizes, measure_collectives
 from autopar.runtime.timing import max_over_ranks, median_seconds, sync
+from autopar.runtime.world import free_port
 
 logger = logging.getLogger(__name__)
 KiB, MiB = 1 << 10, 1 << 20
@@ -204,14 +205,9 @@ def _spawned(rank: int, world: int, port: int, out: str, quick: bool, threads: i
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     if device == "cpu":
-        hide_gpus()
+        os.environ.update(CPU_ONLY)
     torch.set_num_threads(threads)
     run_rank(out, quick=quick)
-
-
-def hide_gpus() -> None:
-    """Make this process see no GPU (before anything touches CUDA): its ranks are CPU ranks over gloo."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def spawn(nproc: int, out: str | os.PathLike, *, quick: bool = False, timeout: float = 1800.0,
@@ -223,14 +219,8 @@ def spawn(nproc: int, out: str | os.PathLike, *, quick: bool = False, timeout: f
     rank is stopped either way."""
     if not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"--nproc: found {nproc!r}, required an integer >= 1")
-    if device not in ("auto", "cpu"):
-        raise ValueError(f"--device: found {device!r}, required 'auto' or 'cpu'")
-    if device == "auto" and torch.cuda.is_available() and nproc > torch.cuda.device_count():
-        raise ValueError(f"--nproc: found {nproc}, required at most the {torch.cuda.device_count()} GPU(s) here "
-                         f"(NCCL takes one GPU per rank; --device cpu profiles CPU ranks)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    check_local_ranks(nproc, device)
+    port = free_port()
     context = mp.get_context("spawn")
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     procs = [context.Process(target=_spawned, args=(r, nproc, port, str(out), quick, threads, device), daemon=True)
@@ -288,9 +278,7 @@ def add_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="fewer and smaller measurements (seconds, not minutes)")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds the whole profile may take, outside torchrun (default: %(default)s)")
-    p.add_argument("--device", choices=["auto", "cpu"], default="auto",
-                   help="auto: a GPU per rank over NCCL where CUDA is available, else CPU ranks over gloo; cpu: "
-                        "CPU ranks over gloo on any machine (default: %(default)s)")
+    add_device_argument(p)
     p.set_defaults(run=_command)
 
 
@@ -298,7 +286,7 @@ def _command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if "WORLD_SIZE" in os.environ:
         if args.device == "cpu":  # this process is a rank
-            hide_gpus()
+            os.environ.update(CPU_ONLY)
         cluster = run_rank(args.out, quick=args.quick)
         if cluster is None:
             return 0

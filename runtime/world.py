@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -68,7 +69,7 @@ class World:
             raise ValueError(f"world size: found {size} process(es), required {mesh.size} (the plan's devices, "
                              f"mesh {'×'.join(map(str, mesh.shape))}); launch with --nproc {mesh.size} or re-plan")
         rank = dist.get_rank() if initialized else 0
-        device = _device(initialized)
+        device = this_device()
         groups: list = [None] * mesh.ndim
         if size > 1:
             from torch.distributed.device_mesh import init_device_mesh
@@ -91,7 +92,7 @@ class World:
         if processes != needed:
             raise ValueError(f"world size: found {processes} process(es), required {needed} (the plan's devices "
                              f"over {len(meshes)} pipeline stages); launch with --nproc {needed} or re-plan")
-        rank, device = (dist.get_rank() if initialized else 0), _device(initialized)
+        rank, device = (dist.get_rank() if initialized else 0), this_device()
         out: dict[LogicalMesh, World] = {}
         for mesh in dict.fromkeys(meshes):
             groups: list = [None] * mesh.ndim
@@ -165,7 +166,17 @@ class World:
         self._stop.set()
 
 
-def _device(initialized: bool) -> torch.device:
+def this_device() -> torch.device:
+    """Where this process computes: its GPU when CUDA is available and the world (if any) runs over
+    NCCL, else the CPU (a gloo world runs on CPUs whatever the machine has)."""
+    initialized = dist.is_available() and dist.is_initialized()
     if torch.cuda.is_available() and (not initialized or dist.get_backend() == "nccl"):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
     return torch.device("cpu")
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on now (for a local rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -103,15 +103,12 @@ def test_local_is_one_device_without_a_process_group():
 
 def test_local_in_a_gloo_world_is_a_cpu_even_where_cuda_is_available(monkeypatch):
     """A gloo world runs on CPUs (runtime.world): planning it as the machine's GPU would price it wrong."""
-    import socket
-
     import torch
     import torch.distributed as dist
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    from autopar.testing import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         c = Cluster.local()
