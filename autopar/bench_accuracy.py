@@ -207,6 +207,13 @@ def _row(case: AccuracyCase, got: dict[str, Any]) -> AccuracyRow:
                        flops=got["flops"], datasheet_peak=got["datasheet_peak"])
 
 
+def require_gpu() -> None:
+    from autopar.errors import AutoparError
+
+    if not torch.cuda.is_available():
+        raise AutoparError("bench accuracy --gpu: found no CUDA device, required one (torch.cuda.is_available())")
+
+
 def gpu_accuracy_benchmark(cluster: str, cases=GPU_CASES, rounds: int = 5, progress=None) -> list[AccuracyRow]:
     """Runs every case in this process on its first GPU, a world of one over NCCL; `cluster`: the
     cluster JSON `autopar profile --nproc 1` measured on this GPU."""
@@ -214,8 +221,7 @@ def gpu_accuracy_benchmark(cluster: str, cases=GPU_CASES, rounds: int = 5, progr
 
     from autopar.runtime.world import free_port
 
-    if not torch.cuda.is_available():
-        raise RuntimeError("bench accuracy --gpu: found no CUDA device, required one (torch.cuda.is_available())")
+    require_gpu()
     if any(c.world != 1 for c in cases):
         raise ValueError("bench accuracy --gpu: found a case of several ranks, required world size 1 for each")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",

@@ -183,6 +183,8 @@ def _accuracy(args: argparse.Namespace) -> str:
     from autopar import bench, bench_accuracy
     from autopar.runtime import profiler
 
+    if args.gpu:
+        bench_accuracy.require_gpu()  # before profiling anything
     clusters = {}
     for world in (1,) if args.gpu else (2, 4):
         given = getattr(args, f"cluster{world}")

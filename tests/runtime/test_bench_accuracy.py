@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 import autopar
 from autopar.bench_accuracy import AccuracyCase, AccuracyRow, accuracy_summary, accuracy_table, kendall_tau
@@ -54,3 +55,11 @@ def test_a_case_runs_for_real_and_reports_every_rank(pools):
     # dp holds the whole model on each rank: both ranks predicted and measured alike, within 25%.
     for predicted, measured in zip(got["predicted_memory"], got["measured_memory"]):
         assert predicted == pytest.approx(measured, rel=0.25)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_the_gpu_cases_without_a_gpu_say_so_before_profiling(capsys):
+    from autopar.cli import main
+
+    assert main(["bench", "accuracy", "--gpu"]) == 2
+    assert "found no CUDA device, required one" in capsys.readouterr().err
