@@ -11,9 +11,9 @@ dtypes, constants), on random inputs of the node's shapes:
     forward  = fastest time of the op
     backward = fastest time of the op and its `torch.autograd.grad` − forward − g
 
-g is what one `torch.autograd.grad` call costs whatever it differentiates (the engine's start, on a
-GPU its hand-off to the device's thread: about 50 µs on a CPU, more on a GPU), timed on x·2 of 64
-elements as its both − 2 · forward. A training step pays it once, not once per node.
+g is what one `torch.autograd.grad` call costs whatever it differentiates (the engine's start; on
+a GPU also its hand-off to the device's thread), timed on x·2 of 64 elements as its both − 2 ·
+forward. A training step pays it once, not once per node.
 
 and scales both to the profiled device (other ranks share its cores there, not here):
 
