@@ -131,8 +131,12 @@ def _collectives(problem: ShardingProblem, solution: ShardingSolution, nodes: di
 
     def add(name: str, phase: str, collectives, arg: int = -1, source: str = "") -> None:
         for c in collectives:  # keyed by the canonical node and argument: one record per edge of the drawn graph
-            key = (canonical.get(name, name), arg, phase, c.kind, c.axis, c.group_size, c.bytes, c.time)
-            found.setdefault(key, [name, source, 0])[2] += 1
+            if source in nodes:  # an activation's readers share its reshard (`passes.edges`): one record, on the first reader's edge
+                key = (canonical.get(source, source), phase, c.kind, c.axis, c.group_size, c.bytes, c.time)
+                found.setdefault(key, [name, source, set()])[2].add(source)
+            else:
+                key = (canonical.get(name, name), arg, phase, c.kind, c.axis, c.group_size, c.bytes, c.time)
+                found.setdefault(key, [name, source, set()])[2].add(name)
 
     w_bytes, g_bytes, _ = ctx.param_bytes()
     for name, plan in nodes.items():
@@ -160,8 +164,8 @@ def _collectives(problem: ShardingProblem, solution: ShardingSolution, nodes: di
         for canon_name, phase, c in strategy.collectives:
             add(unit.members[position[canon_name]], phase, [c])
     return [CollectiveRecord(node=name, module=ctx.captured.nodes[name].module_path, phase=phase, kind=kind,
-                             axis=axis, group_size=size, bytes=nbytes, time=t, count=count, source=source)
-            for (_, _, phase, kind, axis, size, nbytes, t), (name, source, count) in found.items()]
+                             axis=axis, group_size=size, bytes=nbytes, time=t, count=len(count), source=source)
+            for (*_, phase, kind, axis, size, nbytes, t), (name, source, count) in found.items()]
 
 
 def _unit_of(problem: ShardingProblem, name: str) -> int:

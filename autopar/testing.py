@@ -431,6 +431,32 @@ def check_runtime(strategy: str, dump: str, plan: str | None = None) -> dict[str
         compiled.close()
 
 
+def collective_counts(model: str, strategy: str, batch: int = 8) -> dict[str, Any]:
+    """One training step of `model` (the zoo's, its defaults) under `strategy` on every rank: the
+    collectives the step ran (`runtime.tally.Tally`, blocking and asynchronous) and the ones its
+    plan prices on tensors between ops (`Plan.collectives` with a source, times per step)."""
+    import autopar
+    from autopar import models
+    from autopar.runtime.tally import Tally
+
+    entry = models.get(model)
+    net = entry.build(seed=0)
+    inputs, target = entry.example_batch(batch)
+    compiled = autopar.compile(net, autopar.Cluster.local(), example_inputs=inputs, loss_fn=entry.loss_fn,
+                               target=target, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1), strategy=strategy)
+    try:
+        compiled.step(*inputs, target=target)  # first step: buffers and groups set up, not counted
+        with Tally() as tally:
+            compiled.step(*inputs, target=target)
+        planned: dict[str, int] = {}
+        for record in compiled.plan.collectives:
+            if record.source and record.phase != "step":
+                planned[record.kind] = planned.get(record.kind, 0) + record.count
+        return {"blocking": dict(tally.blocking), "asynchronous": dict(tally.asynchronous), "planned": planned}
+    finally:
+        compiled.close()
+
+
 def check_memory(strategy: str) -> dict[str, int]:
     """Element counts this rank holds after one step of gpt-tiny under `strategy`: the parameter
     leaves, the optimizer's state, and ZeRO's whole copies; what the plan claims for each; and the

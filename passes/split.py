@@ -13,7 +13,9 @@ the first and the last, its gradients summed across them).
     piped = split(one_stage_plan, captured, cluster, spec)
 
 Costs, stated: each chunk's time is the one-stage plan's compute and communication scaled by the
-chunk's share of the FLOPs and by 1/m per microbatch; the step follows `passes.schedules`.
+chunk's share of the FLOPs and by 1/m per microbatch, plus receiving its input from the chunk
+before and sending back the gradient (send_recv of its shard, per microbatch); the step follows
+`passes.schedules`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import math
 from dataclasses import dataclass
 
 from autopar.cluster import Cluster
+from autopar.cost.comm import CommModel
 from autopar.graph import CapturedGraph
 from autopar.plan import Cost, Plan, Schedule, Stage
 from autopar.vocab import LogicalMesh, shard_count
@@ -130,9 +133,11 @@ def split(plan: Plan, captured: CapturedGraph, cluster: Cluster, spec: PipelineS
         state = one.cost.parameter_state * (sum(math.prod(q.shape) for q in params.values()) /
                                             max(sum(math.prod(q.shape) for q in one.params.values()), 1))
         kept = schedules.in_flight(spec.schedule, p, m, j % p, v) if p > 1 else 1.0
-        busy = (one.cost.compute + one.cost.communication) * share
+        transfers = m * _transfer(received_bytes(captured, one, chunks, j) / m, cluster, one.mesh.size)
+        busy = (one.cost.compute + one.cost.communication) * share + transfers
         cost = dataclasses.replace(one.cost, step_time=busy + one.cost.optimizer * share, compute=one.cost.compute * share,
-                                   communication=one.cost.communication * share, optimizer=one.cost.optimizer * share,
+                                   communication=one.cost.communication * share + transfers,
+                                   optimizer=one.cost.optimizer * share,
                                    activations=one.cost.activations * share * kept / m,
                                    parameter_state=state, peak_memory=state + one.cost.activations * share * kept / m)
         stages.append(Stage(index=j, layers=ranges[j], mesh=mesh, nodes=nodes, params=params, cost=cost,
@@ -155,6 +160,25 @@ def split(plan: Plan, captured: CapturedGraph, cluster: Cluster, spec: PipelineS
                f"plan's scaled by each chunk's share of the FLOPs and by 1/{m} per microbatch")
     return dataclasses.replace(plan, cluster=cluster, stages=tuple(stages), schedule=schedule, cost=cost,
                                collectives=(), warnings=plan.warnings + (warning,))
+
+
+def received_bytes(captured: CapturedGraph, one: Stage, chunks: dict[str, int], j: int) -> float:
+    """Bytes per device of one step's activations that chunk `j` reads from earlier chunks (each
+    device's shard): what the runtime sends it forward, and its gradient back."""
+    graph = {n.name: n for n in captured.program.graph.nodes}
+    total = 0.0
+    for name in {a.name for n, c in chunks.items() if c == j for a in tensor_args(graph[n])}:
+        info = captured.nodes.get(name)
+        if chunks.get(name, j) < j and info is not None and info.output is not None and name in one.nodes:
+            total += info.output.nbytes / shard_count(one.nodes[name].outputs[0], one.mesh.shape)
+    return total
+
+
+def _transfer(nbytes: float, cluster: Cluster, devices: int) -> float:
+    """Receiving a microbatch's `nbytes` from the previous stage and sending back its gradient: the
+    device d of one stage and d of the next (`passes.interop` prices a stage's transfer so)."""
+    pair = (0, min(devices, cluster.num_devices - 1))
+    return 2 * CommModel(cluster).time("send_recv", nbytes, pair) if nbytes and pair[1] else 0.0
 
 
 def check_batch(captured: CapturedGraph, microbatches: int) -> None:

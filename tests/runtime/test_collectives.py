@@ -1,5 +1,6 @@
 """Placement changes on real gloo ranks: every pair on a 2×2 mesh, and the steps the cost model prices."""
 
+import pytest
 from torch.distributed.tensor import Partial, Replicate, Shard
 
 from autopar.passes.reshard import steps
@@ -26,3 +27,15 @@ def test_simple_changes_are_one_collective():
     assert [s.kind for s in steps((S(2),), (Partial(),))] == ["pad"]
     assert [s.kind for s in steps((Replicate(),), (Shard(0),))] == ["cut"]
     assert steps((S(0), R), (S(0), R)) == []
+
+
+@pytest.mark.parametrize("model, strategy", [("gpt-tiny", "tp"), ("llama-tiny", "tp")])
+def test_the_plan_prices_the_reshards_a_step_runs(model, strategy, pools):
+    # Attention's q, k and v (and Llama's gate and up) read one normalized tensor: the runtime runs
+    # one reshard for all its readers, and sums their gradients before one all-reduce back.
+    (got,) = pools(2).run([{"call": "autopar.testing:collective_counts",
+                            "kwargs": {"model": model, "strategy": strategy}}])
+    assert "error" not in got, got.get("traceback")
+    assert got["planned"].get("all_reduce", 0) > 0
+    for kind, count in got["planned"].items():
+        assert got["blocking"].get(kind, 0) == count, (kind, got)
