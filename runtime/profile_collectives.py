@@ -77,8 +77,9 @@ def _chunk(device: torch.device):
     matmul, about 4 ms on one core, what a tensor-parallel or FSDP layer of the accuracy benchmark's
     models computes between two of its collectives. A collective costs more the longer the ranks
     computed before it (2 gloo ranks on 2 cores, a 64 KiB all-reduce: 1.2 ms after 1.2 ms of
-    computation, 1.8 ms after 3.6, 2.8 ms after 8, 4.4 ms after 32). None on a GPU, where kernels
-    queue asynchronously and a collective waits for its stream, not for the host."""
+    computation, 1.8 ms after 3.6, 2.8 ms after 8, 4.4 ms after 32; BENCHMARKS.md, cost-model
+    accuracy). None on a GPU, where kernels queue asynchronously and a collective waits for its
+    stream, not for the host."""
     if device.type == "cuda":
         return None
     a, b = torch.randn(512, 512), torch.randn(512, 512)
