@@ -131,7 +131,7 @@ def _collectives(problem: ShardingProblem, solution: ShardingSolution, nodes: di
 
     def add(name: str, phase: str, collectives, arg: int = -1, source: str = "") -> None:
         for c in collectives:  # keyed by the canonical node and argument: one record per edge of the drawn graph
-            if source in nodes:  # an activation's readers share its reshard (`passes.edges`): one record, on the first reader's edge
+            if source in nodes:  # its readers share one reshard (runtime.lower): one record, on the first reader's edge
                 key = (canonical.get(source, source), phase, c.kind, c.axis, c.group_size, c.bytes, c.time)
                 found.setdefault(key, [name, source, set()])[2].add(source)
             else:
