@@ -434,7 +434,7 @@ def check_runtime(strategy: str, dump: str, plan: str | None = None) -> dict[str
 def collective_counts(model: str, strategy: str, batch: int = 8) -> dict[str, Any]:
     """One training step of `model` (the zoo's, its defaults) under `strategy` on every rank: the
     collectives the step ran (`runtime.tally.Tally`, blocking and asynchronous) and the ones its
-    plan prices on tensors between ops (`Plan.collectives` with a source, times per step)."""
+    plan lists on tensors between ops (`Plan.collectives` with a source, times per step)."""
     import autopar
     from autopar import models
     from autopar.runtime.tally import Tally

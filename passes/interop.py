@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from autopar.cluster import Cluster
-from autopar.cost.comm import CommModel
 from autopar.cost.memory import state_bytes_per_param
 from autopar.assemble import borrowed, placements
 from autopar.graph import CapturedGraph
@@ -44,7 +43,7 @@ from autopar.passes import schedules
 from autopar.passes.parts import Parts, PartPlan
 from autopar.passes.rules import tensor_args
 from autopar.passes.sharding import ShardingOptions, ShardingProblem, build_problem
-from autopar.passes.split import chunk_of
+from autopar.passes.split import chunk_of, transfer_time
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,14 +359,12 @@ class StageCosts:
                    for ps, pd in [(parts.part_of[s], parts.part_of[d])])
 
     def transfer(self, a: int, mesh: LogicalMesh, chosen: dict[str, PartPlan], m: int) -> float:
-        """Receiving the previous stage's output and sending back its gradient, per microbatch: each
-        device exchanges its own piece with its counterpart."""
+        """Receiving the previous stage's output and sending back its gradient, per microbatch
+        (`passes.split.transfer_time`)."""
         if a == 0:
             return 0.0
         first = next(p for p in chosen if p.startswith("layer:"))
-        nbytes = chosen[first].boundary / m
-        pair = (0, min(mesh.size, self.cluster.num_devices - 1))
-        return 2 * CommModel(self.cluster).time("send_recv", nbytes, pair) if pair[1] else 0.0
+        return transfer_time(self.cluster, mesh.size, chosen[first].boundary / m)
 
 
 def search(costs: StageCosts, submesh_list: list[_Submesh], *, schedules_: tuple[str, ...] = ("1f1b",),

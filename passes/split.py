@@ -133,7 +133,8 @@ def split(plan: Plan, captured: CapturedGraph, cluster: Cluster, spec: PipelineS
         state = one.cost.parameter_state * (sum(math.prod(q.shape) for q in params.values()) /
                                             max(sum(math.prod(q.shape) for q in one.params.values()), 1))
         kept = schedules.in_flight(spec.schedule, p, m, j % p, v) if p > 1 else 1.0
-        transfers = m * _transfer(received_bytes(captured, one, chunks, j) / m, cluster, one.mesh.size)
+        received = received_bytes(captured, one, chunks, j)
+        transfers = m * transfer_time(cluster, one.mesh.size, received / m) if received else 0.0
         busy = (one.cost.compute + one.cost.communication) * share + transfers
         cost = dataclasses.replace(one.cost, step_time=busy + one.cost.optimizer * share, compute=one.cost.compute * share,
                                    communication=one.cost.communication * share + transfers,
@@ -174,11 +175,12 @@ def received_bytes(captured: CapturedGraph, one: Stage, chunks: dict[str, int], 
     return total
 
 
-def _transfer(nbytes: float, cluster: Cluster, devices: int) -> float:
-    """Receiving a microbatch's `nbytes` from the previous stage and sending back its gradient: the
-    device d of one stage and d of the next (`passes.interop` prices a stage's transfer so)."""
+def transfer_time(cluster: Cluster, devices: int, nbytes: float) -> float:
+    """Receiving a microbatch's `nbytes` from the previous stage and sending back its gradient, for a
+    stage of `devices` devices: each device exchanges its own piece with its counterpart, device d
+    of one stage with d of the next (the hand-cut pipelines here and the inter-op search alike)."""
     pair = (0, min(devices, cluster.num_devices - 1))
-    return 2 * CommModel(cluster).time("send_recv", nbytes, pair) if nbytes and pair[1] else 0.0
+    return 2 * CommModel(cluster).time("send_recv", nbytes, pair) if pair[1] else 0.0
 
 
 def check_batch(captured: CapturedGraph, microbatches: int) -> None:

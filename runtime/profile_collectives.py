@@ -75,10 +75,8 @@ def _collective(kind: str, members: list[int], group, nbytes: int, device: torch
 def _chunk(device: torch.device):
     """The computation a CPU rank does between two collectives of a step: a (512, 512) @ (512, 512)
     matmul, about 4 ms on one core, what a tensor-parallel or FSDP layer of the accuracy benchmark's
-    models computes between two of its collectives. A collective costs more the longer the ranks
-    computed before it (2 gloo ranks on 2 cores, a 64 KiB all-reduce: 1.2 ms after 1.2 ms of
-    computation, 1.8 ms after 3.6, 2.8 ms after 8, 4.4 ms after 32; BENCHMARKS.md, cost-model
-    accuracy). None on a GPU, where kernels queue asynchronously and a collective waits for its
+    models computes between two of its collectives: a collective costs more the longer the ranks
+    computed before it. None on a GPU, where kernels queue asynchronously and a collective waits for its
     stream, not for the host."""
     if device.type == "cuda":
         return None

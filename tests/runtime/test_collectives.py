@@ -30,7 +30,7 @@ def test_simple_changes_are_one_collective():
 
 
 @pytest.mark.parametrize("model, strategy", [("gpt-tiny", "tp"), ("llama-tiny", "tp")])
-def test_the_plan_prices_the_reshards_a_step_runs(model, strategy, pools):
+def test_the_plan_lists_the_reshards_a_step_runs(model, strategy, pools):
     # Attention's q, k and v (and Llama's gate and up) read one normalized tensor: the runtime runs
     # one reshard for all its readers, and sums their gradients before one all-reduce back.
     (got,) = pools(2).run([{"call": "autopar.testing:collective_counts",
