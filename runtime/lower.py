@@ -226,8 +226,7 @@ class _Builder:
         info = self.captured.nodes.get(arg.name)
         flows = grad_in is not None and info is not None and info.requires_grad
         if arg.name in self.roles.params:  # a parameter: its gradient goes back to its gather node
-            holder = self.holders.get(self.roles.params[arg.name]) or self.holders[
-                _tied(self.captured, self.roles.params[arg.name], self.holders)]
+            holder = self._holder_of(arg.name)
             grad_out = holder.raw
             flows = flows and holder.leaf.requires_grad
         else:
@@ -241,6 +240,17 @@ class _Builder:
         if key not in self.cache:
             self.cache[key] = self._module(Reshard(spec, self.world), "reshard", local)
         return self.cache[key]
+
+    def _holder_of(self, placeholder: str) -> Holder:
+        name = self.roles.params[placeholder]
+        return self.holders.get(name) or self.holders[_tied(self.captured, name, self.holders)]
+
+    def _placeholders(self, holders: list[Holder]) -> list[fx.Node]:
+        """The program's parameter placeholders that enter through `holders` (a tied parameter's
+        every name)."""
+        names = {h.name for h in holders}
+        return [n for n in self.captured.program.graph.nodes if n.op == "placeholder" and n.name in self.roles.params
+                and names & {self.roles.params[n.name], *self.captured.params[self.roles.params[n.name]].tied}]
 
     def _gather_group(self, group) -> None:
         """The first use of a grouped parameter gathers its whole group (one collective)."""
@@ -261,6 +271,11 @@ class _Builder:
         params, path = _upstream(arg, self.roles)
         holders = [self.holders.get(self.roles.params[p]) for p in params]
         if not axes or not holders or any(h is None or h.plan.level != 0 for h in holders):
+            return grad_out
+        # the parameters reach the step only through this computation: a direct use elsewhere (the
+        # embedding of a head tied to its bf16 copy) has its gradient made whole in backward already,
+        # and the bucketed all-reduce that deferring implies would count it once per rank
+        if any(u.name not in path for p in self._placeholders(holders) for u in p.users):
             return grad_out
         # partial sums pass through backward locally only where every value on the way is whole
         if any(not isinstance(h.plan.use[a], Replicate) for h in holders for a in axes) or any(

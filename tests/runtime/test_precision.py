@@ -8,37 +8,53 @@ import torch
 
 import autopar
 from autopar import models
-from autopar.testing import reference
+from autopar.testing import random_plan, reference
 
 MODELS = ["gpt-tiny", "llama-tiny"]
 LOSS_RTOL = 2e-4
 """bf16 rounds each matmul output to 8 significant bits, so a plan whose reductions run in another
 order (tensor parallel) or on other row blocks (data parallel) may round differently; the worst
-relative loss difference measured over these cases is about 2e-5."""
-UPDATE_RTOL = 0.05
-"""Of the norm of a parameter's 5-step update (the worst measured over these cases: 1.5%)."""
+relative loss difference measured over these cases is 2.6e-5."""
+UPDATE_RTOL = 0.03
+"""Of the norm of a parameter's 5-step SGD update (the worst measured over these cases: 1.6%; a
+tied embedding whose gradient was all-reduced twice was 46% off). SGD, not AdamW: AdamW's
+per-element normalization turns a last-bit difference of a near-zero gradient into a whole
+learning-rate step for that element (13% of a layer norm's update), which says nothing of the plan."""
+SGD = {"optimizer": "sgd", "lr": 0.1}
 
 
-@pytest.mark.parametrize(("world", "strategy"), [(2, "dp"), (2, "fsdp"), (2, "tp"), (2, "auto"), (4, "dp+tp"),
-                                                 (4, "zero1")])
-@pytest.mark.parametrize("model", MODELS)
-def test_bf16_plans_train_like_one_device(model, world, strategy, pools):
-    case = {"model": model, "strategy": strategy, "precision": "bf16"}
-    (one,) = pools(1).run([{**case, "strategy": "dp"}])
-    (got,) = pools(world).run([case])
+def _trains_like_one_device(model: str, world: int, got: dict, pools) -> None:
+    """`got` (a bf16 case on `world` ranks) against one device running the same rewrite."""
+    (one,) = pools(1).run([{"model": model, "strategy": "dp", "precision": "bf16", **SGD}])
     assert "error" not in got, got.get("error", "") + got.get("traceback", "")
     for a, b in zip(got["losses"], one["losses"]):
         assert math.isclose(a, b, rel_tol=LOSS_RTOL), (got["losses"], one["losses"])
-    fp32 = reference({"model": model})["losses"]
+    fp32 = reference({"model": model, **SGD})["losses"]
     assert one["losses"] != fp32  # the rewrite is in force: the matmuls ran in bf16
     # the fp32 master weights took the same updates as one device's, up to UPDATE_RTOL of their size
-    # (AdamW turns a last-bit difference of a near-zero gradient into a visible one for that element)
     initial = models.get(model).build(seed=0).state_dict()
     for key, values in got["state"].items():
         found, required = torch.tensor(values), torch.tensor(one["state"][key])
         assert found.dtype == torch.float32
         moved = torch.linalg.vector_norm(required - initial[key])
         assert torch.linalg.vector_norm(found - required) <= UPDATE_RTOL * moved, key
+
+
+@pytest.mark.parametrize(("world", "strategy"), [(2, "dp"), (2, "fsdp"), (2, "tp"), (2, "auto"), (4, "dp+tp"),
+                                                 (4, "zero1")])
+@pytest.mark.parametrize("model", MODELS)
+def test_bf16_plans_train_like_one_device(model, world, strategy, pools):
+    (got,) = pools(world).run([{"model": model, "strategy": strategy, "precision": "bf16", **SGD}])
+    _trains_like_one_device(model, world, got, pools)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_bf16_plans_train_like_one_device(seed, pools):
+    """Any valid placement of a bf16 graph, not only the ones the planner picks: the casts the
+    rewrite inserts (a tied head's bf16 copy of the embedding) carry partial gradients too."""
+    plan = random_plan("gpt-tiny", 2, seed, precision="bf16")
+    (got,) = pools(2).run([{"model": "gpt-tiny", "plan": plan, **SGD}])
+    _trains_like_one_device("gpt-tiny", 2, got, pools)
 
 
 def test_fp16_overflow_skips_the_step_on_every_rank(pools):
