@@ -9,6 +9,13 @@ the parameter (storage, gradient placement) to each other unit that uses it.
 Strategies that present the same placements on an edge are one *class*: the table is priced per
 pair of classes, which keeps it (and the ILP's edge variables) small. All the occurrences of an
 edge between units that identical layers share are one table with a count.
+
+A tensor read by k units runs its reshard once, not k times: the runtime makes one reshard per
+(tensor, placements) and autograd sums the k gradients before its backward (Megatron-LM's f
+operator: attention's q, k and v projections share one all-reduce of the input's gradient). Each
+of the k edges is priced at 1/k of its reshard, exact when the readers take the tensor in one
+placement, as the layers of a tensor-parallel block do (readers that disagree each run their own
+reshard, which this prices low).
 """
 
 from __future__ import annotations
@@ -47,8 +54,15 @@ def _descriptors(ctx: Context, units: list[Unit], unit_of: dict[str, int]) -> di
 
 def build_edges(ctx: Context, units: list[Unit], unit_of: dict[str, int],
                 strategies: dict[int, list[Strategy]]) -> list[EdgeTable]:
+    described = _descriptors(ctx, units, unit_of)
+    readers: dict[str, int] = {}  # activation → units that read it over an edge
+    for (_, _, tensors), occurrences in described.items():
+        for _, names in occurrences:
+            for t, name in zip(tensors, names):
+                if t[0] == "act":
+                    readers[name] = readers.get(name, 0) + 1
     edges = []
-    for (src, dst, tensors), occurrences in _descriptors(ctx, units, unit_of).items():
+    for (src, dst, tensors), occurrences in described.items():
         names = occurrences[0][1]
         rows, row_keys = _classes([_row_key(s, tensors) for s in strategies[src]])
         cols, col_keys = _classes([_col_key(s, tensors) for s in strategies[dst]])
@@ -62,7 +76,8 @@ def build_edges(ctx: Context, units: list[Unit], unit_of: dict[str, int],
                 for k, (t, name, produced, needed) in enumerate(zip(tensors, names, rk, ck)):
                     found = parts[k].get((produced, needed))
                     if found is None:
-                        found = parts[k][(produced, needed)] = _price(ctx, t, name, produced, needed)
+                        found = parts[k][(produced, needed)] = (_price(ctx, t, name, produced, needed)
+                                                                / readers.get(name, 1))
                     total += found
                 row.append(total)
             cost.append(row)
