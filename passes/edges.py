@@ -118,9 +118,10 @@ def _price(ctx: Context, t: tuple, name: str, produced, needed_and_grad) -> floa
     if t[0] == "act":
         nbytes = ctx.nbytes(name)
         total = ctx.resharder.time(produced, needed, nbytes)
-        if ctx.captured.nodes[name].requires_grad:
+        flows = ctx.captured.nodes[name].requires_grad
+        if flows:
             total += ctx.resharder.time(grad, normalized(produced), nbytes)
-        return total
+        return total + ctx.reshard_node(produced, needed, grad if flows else None, normalized(produced))
     w_bytes, g_bytes, _ = ctx.param_bytes()
     storage, grad_target = produced
     param = ctx.captured.params[ctx.roles.params[name]]

@@ -120,6 +120,15 @@ class Context:
     """Parameter placeholder → trainable parameters first used in its layer (itself included): a
     sharded one is gathered and reduced with them in one flat collective (`runtime.groups`)."""
 
+    def reshard_node(self, src, dst, grad_in, grad_out) -> float:
+        """What the runtime's placement-change node itself costs (`cost.ops.OpTimes.reshard`), where
+        it makes one: the placements differ, forward or backward, on an axis of more than one
+        device (`runtime.lower`)."""
+        if self.ops is None or not self.ops.reshard:
+            return 0.0
+        changed = [a for a in range(len(src)) if src[a] != dst[a] or (grad_in is not None and grad_in[a] != grad_out[a])]
+        return self.ops.reshard if any(self.mesh.shape[a] > 1 for a in changed) else 0.0
+
     def nbytes(self, name: str) -> float:
         return self.captured.nodes[name].output.nbytes
 
@@ -237,8 +246,10 @@ def _forced(ctx: Context, strategy: Strategy, name: str, source: str, arg: int, 
         return
     nbytes = ctx.nbytes(source)
     strategy.comm += ctx.resharder.time(current, needs, nbytes)
-    if ctx.captured.nodes[source].requires_grad:
+    flows = ctx.captured.nodes[source].requires_grad
+    if flows:
         strategy.comm += ctx.resharder.time(grads_of(sharding)[arg], normalized(current), nbytes)
+    strategy.comm += ctx.reshard_node(current, needs, grads_of(sharding)[arg] if flows else None, normalized(current))
 
 
 def _price_members(ctx: Context, unit: Unit, strategy: Strategy) -> None:

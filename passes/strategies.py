@@ -190,10 +190,12 @@ def local_time(node_info, sharding: NodeSharding, mesh_shape, device, dtype: str
     """Forward + backward of one node on its shard: the work divided where the op splits it
     (`cost.compute.kernel_time`: the roofline, or the cluster's profile when it has one). `measured`:
     the node's whole (forward, backward) seconds timed on the device (`cost.ops`); its share is then
-    o + (t − o) / parts, o the profile's kernel overhead (paid whole by every part)."""
-    if node_info.flops == 0 and node_info.bytes_moved == 0:
-        return 0.0
+    o + (t − o) / parts, o the profile's kernel overhead (paid whole by every part). A view's
+    measured time is its dispatch (and, from non-contiguous memory, a reshape's copy); unmeasured,
+    it is free."""
     parts_ = parts(sharding, mesh_shape)
+    if measured is None and node_info.flops == 0 and node_info.bytes_moved == 0:
+        return 0.0
     if measured is not None:
         o = profile.kernel_overhead if profile is not None else 0.0
         share = [o + max(t - o, 0.0) / parts_ if t > 0 else 0.0 for t in measured]

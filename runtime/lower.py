@@ -234,8 +234,9 @@ class _Builder:
         spec = ReshardSpec(src=have, dst=needed, grad_in=grad_in if flows else None,
                            grad_out=grad_out if flows else None, nbytes=info.output.nbytes if info and info.output
                            else 0.0, label=self.roles.params.get(arg.name, arg.name))
-        if have == needed and (not flows or grad_in == grad_out):
-            return local
+        if all(self.world.mesh.shape[a] == 1 or (have[a] == needed[a] and (not flows or grad_in[a] == grad_out[a]))
+               for a in range(len(have))):
+            return local  # nothing changes, or only on axes of one device (where every placement is the whole)
         key = (arg.name, spec)
         if key not in self.cache:
             self.cache[key] = self._module(Reshard(spec, self.world), "reshard", local)

@@ -40,6 +40,7 @@ on a CPU the foreach kernels loop over the tensors, a dozen small kernels each):
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,10 @@ _TENSORS = 128
 """Tiny parameter tensors (64 elements each) of the step that times the per-tensor cost."""
 _SAMPLE = 0.005
 """Least seconds of one timed sample."""
+_ROTATE = 8 * 2 ** 20
+"""Bytes of input copies a node's timing takes turns over: beyond a core's cache (`_time_node`)."""
+_COPIES = 16
+"""At most this many copies."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +75,10 @@ class OpTimes:
     """Seconds per parameter element of one optimizer step; None when not timed."""
     per_tensor: float = 0.0
     """Seconds one optimizer step spends per parameter tensor beyond its elements."""
+    reshard: float = 0.0
+    """Seconds one placement change of the lowered program (`runtime.collectives.Reshard`) costs
+    forward and backward beyond its data movement and collectives: an autograd function run from
+    Python, both ways."""
     seconds: float = 0.0
     """How long the timing took."""
 
@@ -98,7 +107,10 @@ def op_times(captured: CapturedGraph, profile, optimizer: str, *, budget: float 
 
 
 def _measure(captured: CapturedGraph, profile, optimizer: str, budget: float) -> OpTimes:
+    from autopar.passes.units import roles
+
     start = time.perf_counter()
+    ignored = roles(captured).ignored
     device = torch.device("cuda" if profile.backend == "nccl" else "cpu")
     before = _scales(profile, device)
     grad_call = _grad_call(device)
@@ -106,7 +118,7 @@ def _measure(captured: CapturedGraph, profile, optimizer: str, budget: float) ->
     out = {}
     for node in captured.program.graph.nodes:
         info = captured.nodes.get(node.name)
-        if node.op != "call_function" or info is None or (info.flops == 0 and info.bytes_moved == 0):
+        if not isinstance(node.target, torch._ops.OpOverload) or info is None or node.name in ignored:
             continue
         if time.perf_counter() - start > budget or not _small(info, profile):
             continue
@@ -126,7 +138,8 @@ def _measure(captured: CapturedGraph, profile, optimizer: str, budget: float) ->
         tiny = _time_update(optimizer, device, [64] * _TENSORS)
         per_tensor = max(tiny - 64 * _TENSORS * update, 0.0) / _TENSORS * memory_scale
         update *= memory_scale
-    return OpTimes(nodes=out, update=update, per_tensor=per_tensor, seconds=time.perf_counter() - start)
+    return OpTimes(nodes=out, update=update, per_tensor=per_tensor, reshard=_reshard_overhead(device) * memory_scale,
+                   seconds=time.perf_counter() - start)
 
 
 def _small(info, profile) -> bool:
@@ -145,36 +158,55 @@ def _key(node: torch.fx.Node) -> tuple:
 
 
 def _real(value, device: torch.device):
-    """A random tensor like the fake `value` (integer ones zero: valid indices and class targets)."""
+    """A random tensor like the fake `value`, with its strides (integer ones zero: valid indices and
+    class targets). Strides matter: an add or a multiply reading a transposed view (attention's
+    heads, a rotary embedding's halves) runs several times slower than on contiguous memory, and a
+    reshape of one copies."""
     if not isinstance(value, torch.Tensor):
         return value
+    shape, stride = tuple(value.shape), tuple(value.stride())
+    size = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
     if value.dtype.is_floating_point:
-        return torch.randn(value.shape, dtype=value.dtype, device=device)
-    return torch.zeros(value.shape, dtype=value.dtype, device=device)
+        base = torch.randn(size, dtype=value.dtype, device=device)
+    else:
+        base = torch.zeros(size, dtype=value.dtype, device=device)
+    return base.as_strided(shape, stride)
 
 
 def _time_node(node: torch.fx.Node, requires_grad: bool, device: torch.device,
                grad_call: float = 0.0) -> tuple[float, float] | None:
     """(forward, backward) seconds of the node's op on random inputs; None when it fails on them.
-    `grad_call`: the fixed cost of one `torch.autograd.grad` call (`_grad_call`), not the node's."""
+    `grad_call`: the fixed cost of one `torch.autograd.grad` call (`_grad_call`), not the node's.
+
+    Calls take turns over several copies of the inputs, `_ROTATE` bytes in all: in a step an op
+    reads what other ops wrote a while before, from the shared cache or memory, not what it read a
+    moment ago from its core's own cache (an add of two 256 KB tensors: 14 µs on one copy, 80 µs
+    in a Llama step, on a 2.5 MB L2)."""
     real = lambda a: _real(a.meta.get("val"), device) if isinstance(a, torch.fx.Node) else a  # noqa: E731
-    args, kwargs = pytree.tree_map(real, (node.args, node.kwargs))
-    run = lambda: node.target(*args, **kwargs)  # noqa: E731
+    first = pytree.tree_map(real, (node.args, node.kwargs))
+    held = sum(t.numel() * t.element_size() for t in pytree.tree_leaves(first) if isinstance(t, torch.Tensor))
+    copies = [first] + [pytree.tree_map(real, (node.args, node.kwargs))
+                        for _ in range(min(_COPIES, _ROTATE // max(held, 1)) - 1)]
+    turn = itertools.cycle(copies)
+    run = lambda: (lambda args, kwargs: node.target(*args, **kwargs))(*next(turn))  # noqa: E731
     try:
         forward = _fastest(run, device)
-        leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
-                  and t.dtype.is_floating_point]
-        if not requires_grad or not leaves:
+        floating = [[t for t in pytree.tree_leaves(c) if isinstance(t, torch.Tensor) and t.dtype.is_floating_point]
+                    for c in copies]
+        if not requires_grad or not floating[0]:
             return forward, 0.0
-        for t in leaves:
+        for t in itertools.chain.from_iterable(floating):
             t.requires_grad_(True)
         outputs = [t for t in pytree.tree_leaves(run()) if isinstance(t, torch.Tensor) and t.requires_grad]
         if not outputs:
             return forward, 0.0
         grads = [torch.randn_like(t) for t in outputs]
+        pairs = itertools.cycle(list(zip(copies, floating)))
 
         def both() -> None:
-            made = [t for t in pytree.tree_leaves(run()) if isinstance(t, torch.Tensor) and t.requires_grad]
+            (args, kwargs), leaves = next(pairs)
+            made = [t for t in pytree.tree_leaves(node.target(*args, **kwargs))
+                    if isinstance(t, torch.Tensor) and t.requires_grad]
             torch.autograd.grad(made, leaves, grads, allow_unused=True)
 
         return forward, max(_fastest(both, device) - forward - grad_call, 0.0)
@@ -193,6 +225,26 @@ def _time_update(optimizer: str, device: torch.device, sizes: list[int]) -> floa
     else:
         step = make.get(optimizer, torch.optim.AdamW)(params, lr=1e-3)
     return _fastest(step.step, device)
+
+
+def _reshard_overhead(device: torch.device) -> float:
+    """Seconds a `Reshard` node adds to forward and backward, on a one-process world where it moves
+    nothing: both of Reshard(x)·2 − both of x·2 (64 elements)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    from autopar.runtime.collectives import Reshard, ReshardSpec
+    from autopar.runtime.world import World
+    from autopar.vocab import LogicalMesh
+
+    mesh = LogicalMesh(shape=(1,), devices=(0,))
+    world = World(rank=0, size=1, device=device, mesh=mesh, coordinate=(0,), groups=[None])
+    node = Reshard(ReshardSpec(src=(Replicate(),), dst=(Shard(0),), grad_in=(Shard(0),), grad_out=(Replicate(),)),
+                   world)
+    x = torch.randn(64, device=device, requires_grad=True)
+    g = torch.randn(64, device=device)
+    through = _fastest(lambda: torch.autograd.grad(node(x).mul(2), x, g), device)
+    plain = _fastest(lambda: torch.autograd.grad(x.mul(2), x, g), device)
+    return max(through - plain, 0.0)
 
 
 def _grad_call(device: torch.device) -> float:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import autopar
-from autopar.testing import RankPool, squeezed_plan
+from autopar.testing import RankPool, random_plan, squeezed_plan
+from autopar.vocab import fmt
 
 
 @pytest.mark.parametrize("strategy, world", [("tp", 2), ("fsdp", 4), ("dp+tp", 4)])
@@ -47,6 +48,23 @@ def test_inputs_must_have_the_traced_shapes():
     with pytest.raises(ValueError, match="found no target"):
         compiled.step(*inputs)
     assert compiled.step(*inputs, target=target).shape == ()
+
+
+def test_one_device_runs_no_placement_changes():
+    """On one device every placement is the whole tensor: a plan's choices on a mesh of one (a
+    batch split into one part) lower to no `Reshard` node between ops, each of which costs an
+    autograd function run from Python both ways."""
+    from autopar.runtime.collectives import Reshard
+
+    entry = autopar.models.get("llama-tiny")
+    inputs, target = entry.example_batch(8)
+    plan = autopar.Plan.from_json(random_plan("llama-tiny", 1, seed=0))
+    assert any(fmt(p) != "R" for node in plan.stages[0].nodes.values() for p in node.outputs)  # splits of one
+    compiled = autopar.compile(entry.build(seed=0), example_inputs=inputs, loss_fn=entry.loss_fn, target=target,
+                               optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1), plan=plan)
+    params = set(compiled.captured.params)  # a sharded parameter's own gather is its storage level's
+    assert not [m for m in compiled.program.modules() if isinstance(m, Reshard) and m.spec.label not in params]
+    assert torch.isfinite(compiled.step(*inputs, target=target))
 
 
 def test_a_rank_that_dies_is_named_and_nothing_hangs():
