@@ -72,6 +72,16 @@ def _alone(cur: list, dst: Placements, a: int) -> bool:
                    for p in (cur[b], dst[b]))
 
 
+def moves(src: Placements, dst: Placements, grad_in: Placements | None, grad_out: Placements | None,
+          mesh_shape: tuple[int, ...]) -> bool:
+    """Whether a tensor taken from `src` to `dst` (its gradient, when one flows, from `grad_in` back
+    to `grad_out`) changes on an axis of more than one device: where the runtime makes a placement
+    change node (`runtime.lower`) and the cost model prices one. On an axis of one device every
+    placement is the whole tensor."""
+    return any(mesh_shape[a] > 1 and (src[a] != dst[a] or (grad_in is not None and grad_in[a] != grad_out[a]))
+               for a in range(len(src)))
+
+
 def steps(src: Placements, dst: Placements) -> list[Step]:
     """The per-axis steps from `src` to `dst` (see the module docstring)."""
     if src == dst:

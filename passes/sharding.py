@@ -25,7 +25,7 @@ from autopar.cost.memory import state_bytes_per_param
 from autopar.cost.ops import op_times
 from autopar.graph import CapturedGraph
 from autopar.vocab import R, LogicalMesh, Placements, shard_count
-from autopar.passes.reshard import Resharder
+from autopar.passes.reshard import Resharder, moves
 from autopar.passes.strategies import (LEVELS, NodeSharding, ParamSharding, Strategy, all_placements, follower_sharding,
                                grads_of, leader_options, local_time, normalized, param_options, partial_on,
                                saved_memory, split_axes)
@@ -122,12 +122,10 @@ class Context:
 
     def reshard_node(self, src, dst, grad_in, grad_out) -> float:
         """What the runtime's placement-change node itself costs (`cost.ops.OpTimes.reshard`), where
-        it makes one: the placements differ, forward or backward, on an axis of more than one
-        device (`runtime.lower`)."""
-        if self.ops is None or not self.ops.reshard:
+        it makes one (`passes.reshard.moves`)."""
+        if self.ops is None or not moves(src, dst, grad_in, grad_out, self.mesh.shape):
             return 0.0
-        changed = [a for a in range(len(src)) if src[a] != dst[a] or (grad_in is not None and grad_in[a] != grad_out[a])]
-        return self.ops.reshard if any(self.mesh.shape[a] > 1 for a in changed) else 0.0
+        return self.ops.reshard
 
     def nbytes(self, name: str) -> float:
         return self.captured.nodes[name].output.nbytes

@@ -193,9 +193,9 @@ def local_time(node_info, sharding: NodeSharding, mesh_shape, device, dtype: str
     o + (t − o) / parts, o the profile's kernel overhead (paid whole by every part). A view's
     measured time is its dispatch (and, from non-contiguous memory, a reshape's copy); unmeasured,
     it is free."""
-    parts_ = parts(sharding, mesh_shape)
     if measured is None and node_info.flops == 0 and node_info.bytes_moved == 0:
         return 0.0
+    parts_ = parts(sharding, mesh_shape)
     if measured is not None:
         o = profile.kernel_overhead if profile is not None else 0.0
         share = [o + max(t - o, 0.0) / parts_ if t > 0 else 0.0 for t in measured]

@@ -25,6 +25,7 @@ from torch.utils import _pytree as pytree
 
 from autopar.graph import CapturedGraph
 from autopar.plan import NodePlan, Stage
+from autopar.passes.reshard import moves
 from autopar.passes.rules import tensor_args
 from autopar.passes.strategies import NodeSharding, grads_of, normalized
 from autopar.passes.units import roles
@@ -234,9 +235,8 @@ class _Builder:
         spec = ReshardSpec(src=have, dst=needed, grad_in=grad_in if flows else None,
                            grad_out=grad_out if flows else None, nbytes=info.output.nbytes if info and info.output
                            else 0.0, label=self.roles.params.get(arg.name, arg.name))
-        if all(self.world.mesh.shape[a] == 1 or (have[a] == needed[a] and (not flows or grad_in[a] == grad_out[a]))
-               for a in range(len(have))):
-            return local  # nothing changes, or only on axes of one device (where every placement is the whole)
+        if not moves(have, needed, spec.grad_in, spec.grad_out, self.world.mesh.shape):
+            return local
         key = (arg.name, spec)
         if key not in self.cache:
             self.cache[key] = self._module(Reshard(spec, self.world), "reshard", local)

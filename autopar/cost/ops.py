@@ -6,7 +6,8 @@ that misses what the rates do not see: a GELU's erf is compute-bound on a CPU, a
 runs two matmuls with transposed operands, attention's softmax is several passes. When the
 cluster's profile was measured on a device of this machine's kind (gloo: a CPU; NCCL: a GPU here),
 the planner times every node of the graph instead, once per distinct (op, argument shapes and
-dtypes, constants), on random inputs of the node's shapes:
+dtypes, constants), on random inputs of the node's shapes and strides, taking turns over copies
+of them beyond a core's cache (`_time_node`); views too, for their dispatch and a reshape's copy:
 
     forward  = fastest time of the op
     backward = fastest time of the op and its `torch.autograd.grad` − forward − g
@@ -36,6 +37,10 @@ tiny parameters, giving what each parameter tensor adds whatever its size (`OpTi
 on a CPU the foreach kernels loop over the tensors, a dozen small kernels each):
 
     t_update(tensor) = per_tensor + elements · update
+
+One placement change of the lowered program (`runtime.collectives.Reshard`) is timed on a
+one-process world, where it moves nothing: what its autograd function adds, run from Python both
+ways (`OpTimes.reshard`), priced on every edge where the runtime makes one.
 """
 
 from __future__ import annotations
@@ -188,7 +193,11 @@ def _time_node(node: torch.fx.Node, requires_grad: bool, device: torch.device,
     copies = [first] + [pytree.tree_map(real, (node.args, node.kwargs))
                         for _ in range(min(_COPIES, _ROTATE // max(held, 1)) - 1)]
     turn = itertools.cycle(copies)
-    run = lambda: (lambda args, kwargs: node.target(*args, **kwargs))(*next(turn))  # noqa: E731
+
+    def run():
+        args, kwargs = next(turn)
+        return node.target(*args, **kwargs)
+
     try:
         forward = _fastest(run, device)
         floating = [[t for t in pytree.tree_leaves(c) if isinstance(t, torch.Tensor) and t.dtype.is_floating_point]
