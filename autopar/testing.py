@@ -45,7 +45,8 @@ def _batch(entry, case: dict, step: int):
 def reference(case: dict[str, Any]) -> dict[str, Any]:
     """The case trained on one device, in plain PyTorch: losses and state dict. On one thread, as
     the pool's ranks run: a CPU convolution sums in an order that depends on the thread count (on
-    some processors), and AdamW grows that last-bit difference to 1e-5 of the loss in five steps."""
+    some processors), and AdamW grows that last-bit difference past rtol 1e-5 of the loss in five
+    steps."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

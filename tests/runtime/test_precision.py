@@ -19,7 +19,7 @@ UPDATE_RTOL = 0.03
 """Of the norm of a parameter's 5-step SGD update (the worst measured over these cases: 1.6%; a
 tied embedding whose gradient was all-reduced twice was 46% off). SGD, not AdamW: AdamW's
 per-element normalization turns a last-bit difference of a near-zero gradient into a whole
-learning-rate step for that element (13% of a layer norm's update), which says nothing of the plan."""
+learning-rate step for that element, which says nothing of the plan."""
 SGD = {"optimizer": "sgd", "lr": 0.1}
 
 
