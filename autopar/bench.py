@@ -62,6 +62,27 @@ def machine() -> str:
             f"torch {torch.__version__}")
 
 
+def cpu_times(path: str = "/proc/stat") -> list[int] | None:
+    """The machine's CPU time so far, in ticks per state (Linux's /proc/stat "cpu" line: user, nice,
+    system, idle, iowait, irq, softirq, steal, ...); None where there is no such file."""
+    try:
+        with open(path) as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    return [int(x) for x in fields[1:]] if fields and fields[0] == "cpu" else None
+
+
+def stolen(before: list[int] | None, after: list[int] | None) -> float | None:
+    """The share of CPU time the hypervisor gave to others between two `cpu_times` readings (steal
+    ticks / all ticks, guest time excluded as Linux already counts it in user); None when unknown. A
+    virtual machine's timings are only as steady as this is low."""
+    if not before or not after or len(before) < 8 or len(after) < 8:
+        return None
+    spent = [a - b for a, b in zip(after[:8], before[:8])]
+    return spent[7] / sum(spent) if sum(spent) > 0 else None
+
+
 def capture_table(rows: list[CaptureRow]) -> str:
     header = ["model", "parameters", "ATen ops", "layers (distinct)", "forward FLOPs", "build (s)", "capture (s)"]
     return markdown_table(header, [[r.model, fmt_count(r.params), str(r.ops), f"{r.layers} ({r.distinct_layers})",

@@ -195,6 +195,7 @@ def _accuracy(args: argparse.Namespace) -> str:
             path = f"{tmp}/cluster{world}.json"
             profiler.spawn(world, path, quick=args.quick)
             clusters[world] = Cluster.load(path).to_json()
+    before = bench.cpu_times()
     if args.gpu:
         import torch
 
@@ -204,8 +205,11 @@ def _accuracy(args: argparse.Namespace) -> str:
         rows = bench_accuracy.accuracy_benchmark(clusters, rounds=args.rounds)
         where = "local gloo ranks (one thread each)"
     table = bench_accuracy.accuracy_table(rows)
+    steal = bench.stolen(before, bench.cpu_times())
     print(f"predicted against measured, AdamW training steps on {where} with the cluster `autopar profile` "
-          f"measured for that many ranks; {bench.machine()}\n\n{table}")
+          f"measured for that many ranks; {bench.machine()}"
+          + (f"; CPU time taken by the hypervisor during the steps (steal): {steal:.1%}" if steal is not None else "")
+          + f"\n\n{table}")
     return table
 
 

@@ -301,7 +301,9 @@ def add_parser(sub) -> None:
 
 
 def _command(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
+    from autopar.bench import cpu_times, stolen
+
+    started, ticks = time.perf_counter(), cpu_times()
     if "WORLD_SIZE" in os.environ:
         if args.device == "cpu":  # this process is a rank
             os.environ.update(CPU_ONLY)
@@ -313,8 +315,13 @@ def _command(args: argparse.Namespace) -> int:
         from autopar.cluster import Cluster
 
         cluster = Cluster.load(args.out)
+    steal = stolen(ticks, cpu_times())
     print(f"{report(cluster.profile)}\n\n{cluster.describe()}\nwritten to {args.out} "
-          f"in {time.perf_counter() - started:.1f} s")
+          f"in {time.perf_counter() - started:.1f} s"
+          + (f"; CPU time taken by the hypervisor meanwhile (steal): {steal:.1%}" if steal is not None else ""))
+    if steal is not None and steal > 0.05:
+        logger.warning("the hypervisor took %.0f%% of this machine's CPU time while profiling: the timings are "
+                       "as unsteady as that; profile again when the machine is quieter", steal * 100)
     return 0
 
 

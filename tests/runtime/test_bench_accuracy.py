@@ -32,15 +32,34 @@ def test_the_table_reports_errors_rounds_and_the_summary():
     assert summary["time_median"] == pytest.approx((0.1 + 0.25) / 2)
     assert summary["time_worst"] == pytest.approx(0.25)
     assert summary["memory_worst"] == pytest.approx(0.1)
+    # Against the fastest round: |0.09 − 0.095| / 0.095 and |0.2 − 0.15| / 0.15.
+    assert summary["fastest_median"] == pytest.approx((0.05 / 0.95 + 1 / 3) / 2)
+    assert summary["fastest_worst"] == pytest.approx(1 / 3)
     assert summary["tau"] == summary["tau_within"] == 1.0
     table = accuracy_table(rows)
-    assert "| GPT dp | 2 | 16 | one stage on 2 | 90 ms | 100 ms | 95 ms–120 ms | 10.0% |" in table
+    assert "| GPT dp | 2 | 16 | one stage on 2 | 90 ms | 100 ms | 95 ms–120 ms | 10.0% | 5.3% |" in table
     assert "| step time | 17.5% | 25.0% | median ≤ 10% |" in table
     assert "MFU" not in table  # no FLOPs or peak known
     # MFU = FLOPs per step / (step time × devices × datasheet peak): 4e12 / (0.1 × 2 × 1e14) = 20%
     with_mfu = [dataclasses.replace(r, flops=4e12, datasheet_peak=1e14) for r in rows]
     assert with_mfu[0].mfu == pytest.approx(0.2)
     assert accuracy_table(with_mfu).splitlines()[2].endswith("| 10.0% | 20.0% |")
+
+
+def test_steal_is_the_hypervisors_share_of_the_cpu_time_between_two_readings(tmp_path):
+    from autopar.bench import cpu_times, stolen
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  1000 0 200 700 10 0 20 70 0 0\ncpu0 500 0 100 350 5 0 10 35 0 0\n")
+    before = cpu_times(str(stat))
+    assert before == [1000, 0, 200, 700, 10, 0, 20, 70, 0, 0]
+    stat.write_text("cpu  1600 0 300 900 10 0 40 150 0 0\n")
+    # 1000 ticks spent between the readings (600 user, 100 system, 200 idle, 20 softirq, 80 steal)
+    assert stolen(before, cpu_times(str(stat))) == pytest.approx(0.08)
+    assert cpu_times(str(tmp_path / "absent")) is None and stolen(None, before) is None
+    here = cpu_times()  # this machine's own, where Linux has one
+    share = stolen(here, cpu_times())
+    assert share is None or 0.0 <= share <= 1.0
 
 
 def test_a_case_runs_for_real_and_reports_every_rank(pools):
