@@ -68,12 +68,19 @@ def _reference(case: dict[str, Any]) -> dict[str, Any]:
     losses = []
     for step in range(case["steps"]):
         inputs, target = _batch(entry, case, step)
+        _seed(case, step)
         optimizer.zero_grad()
         loss = entry.loss_fn(model(*inputs), target)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     return {"losses": losses, "state": {k: v.tolist() for k, v in model.state_dict().items()}}
+
+
+def _seed(case: dict, step: int) -> None:
+    """The default generator's state for a step's random draws (dropout), the same on the one
+    device and on every rank, and after a restart from a checkpoint."""
+    torch.manual_seed(case["seed"] * 1_000_003 + step)
 
 
 def _batch_overrides(case: dict) -> dict:
@@ -92,6 +99,9 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     plan = autopar.Plan.from_json(case["plan"]) if case.get("plan") else None
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     cluster = autopar.Cluster.preset("cpu", gpus_per_node=world)
+    _seed(case, -1)  # the ranks agree from here (`autopar.compiler._same_random_state`)
+    if case.get("seed_apart"):  # each rank its own seed, as many data-parallel scripts do
+        torch.manual_seed(torch.distributed.get_rank())
     with _reused_captures(json.dumps([case["model"], case.get("overrides", {}), case["dtype"],
                                       case.get("quantize")])):
         compiled = autopar.compile(model, cluster, example_inputs=inputs, loss_fn=entry.loss_fn, target=target,
@@ -111,6 +121,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
             if overflow and overflow["rank"] == rank and overflow["step"] == step:
                 leaf = compiled.optimizer_leaves()[0]
                 handle = leaf.register_hook(lambda g: torch.full_like(g, float("inf")))
+            _seed(case, step)
             losses.append(compiled.step(*inputs, target=target).item())
             if overflow and overflow["rank"] == rank and overflow["step"] == step:
                 handle.remove()

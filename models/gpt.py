@@ -44,10 +44,13 @@ class GPTConfig:
     vocab_size: int = 50257  # GPT-2 BPE vocabulary, used unchanged by GPT-3
     seq_len: int = 2048  # context n_ctx of GPT-3; rows of the position table
     ffn_ratio: int = 4  # MLP hidden width = ffn_ratio·d_model (GPT-2/3 use 4)
+    dropout: float = 0.0  # on the embeddings and each residual branch while training (GPT-2: 0.1)
 
     def __post_init__(self) -> None:
         require_positive(self, "n_layers", "d_model", "n_heads", "d_head", "vocab_size",
                          "seq_len", "ffn_ratio")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: found {self.dropout!r}, required a probability in [0, 1)")
 
 
 class CausalSelfAttention(nn.Module):
@@ -104,16 +107,23 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN residual block: x + attn(ln1(x)), then + ffn(ln2(x)); (B, T, d) -> (B, T, d)."""
+    """Pre-LN residual block: x + attn(ln1(x)), then + ffn(ln2(x)); (B, T, d) -> (B, T, d). With
+    `dropout` > 0 each branch's output is dropped out while training (GPT-2's resid_pdrop)."""
 
-    def __init__(self, d_model: int, attn: nn.Module, ffn: nn.Module) -> None:
+    def __init__(self, d_model: int, attn: nn.Module, ffn: nn.Module, dropout: float = 0.0) -> None:
         super().__init__()
         self.ln1, self.attn = nn.LayerNorm(d_model), attn
         self.ln2, self.ffn = nn.LayerNorm(d_model), ffn
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.ffn(self.ln2(x))
+        x = x + _dropped(self.attn(self.ln1(x)), self.dropout, self.training)
+        return x + _dropped(self.ffn(self.ln2(x)), self.dropout, self.training)
+
+
+def _dropped(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout only where there is some: at p = 0 the graph keeps no dropout node."""
+    return F.dropout(x, p, training) if p else x
 
 
 class GPT(nn.Module):
@@ -123,9 +133,9 @@ class GPT(nn.Module):
     """
 
     def __init__(self, *, vocab_size: int, seq_len: int, d_model: int,
-                 layers: list[nn.Module]) -> None:
+                 layers: list[nn.Module], dropout: float = 0.0) -> None:
         super().__init__()
-        self.seq_len = seq_len
+        self.seq_len, self.dropout = seq_len, dropout
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(seq_len, d_model)
         self.layers = nn.ModuleList(layers)
@@ -136,7 +146,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {tokens.size(1)} tokens is longer than the "
                              f"{self.seq_len} positions of the model")
         positions = torch.arange(tokens.size(1), device=tokens.device)  # (T,)
-        x = self.tok_emb(tokens) + self.pos_emb(positions)  # (B, T, d)
+        x = _dropped(self.tok_emb(tokens) + self.pos_emb(positions), self.dropout, self.training)  # (B, T, d)
         for layer in self.layers:
             x = layer(x)
         # Tied head: reuse the embedding matrix (V, d) rather than a second Linear, so the
@@ -158,8 +168,9 @@ class GPT(nn.Module):
 def build_model(config: GPTConfig) -> GPT:
     d = config.d_model
     layers = [Block(d, CausalSelfAttention(d, config.n_heads, config.d_head),
-                    FeedForward(d, config.ffn_ratio * d)) for _ in range(config.n_layers)]
-    return GPT(vocab_size=config.vocab_size, seq_len=config.seq_len, d_model=d, layers=layers)
+                    FeedForward(d, config.ffn_ratio * d), config.dropout) for _ in range(config.n_layers)]
+    return GPT(vocab_size=config.vocab_size, seq_len=config.seq_len, d_model=d, layers=layers,
+               dropout=config.dropout)
 
 
 def example_batch(config: GPTConfig, batch_size: int, generator: torch.Generator,

@@ -10,6 +10,7 @@ Each is a module, so the lowered program shows it as one explicit node with its 
 - `BatchMeanLoss`: a mean over a split batch is each rank's sum over the global count of targets
   (an all-reduce of one number), exact even when ranks hold different numbers of ignored targets.
 - `SyncBatchNorm`: batch statistics all-reduced over the axes that split the batch.
+- `Dropout`: the mask one device would draw for the whole tensor, of which each rank keeps its part.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import Replicate
 
+from autopar.runtime.collectives import transform
 from autopar.runtime.world import World
+from autopar.vocab import Placements, shard_count
 
 
 def _shard_index(world: World, axes: tuple[int, ...]) -> tuple[int, int]:
@@ -209,3 +213,39 @@ class SyncBatchNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"batch norm with statistics all-reduced over axes {list(self.axes)}"
+
+
+class Dropout(nn.Module):
+    """`aten.dropout` on a placed tensor, drawing the mask one device draws. ATen's dropout (CPU;
+    `_dropout_impl` in aten/src/ATen/native/Dropout.cpp) is
+
+        noise = empty_like(x).bernoulli_(1 − p) / (1 − p);   y = x · noise
+
+    Here `noise` is drawn for the whole tensor, in the memory order one device's tensor has (its
+    strides' order, as `empty_like` keeps it), from the default generator, and this rank keeps its part of it. So every plan
+    draws the same mask, the one-device mask, as long as every rank's generator holds the same state
+    as the one device's (the compiler checks the ranks agree: `autopar.compiler`). Each rank draws
+    the whole tensor, what a replicated tensor costs. On a GPU one device runs the fused kernel
+    (`native_dropout`), whose mask comes from another stream: plans there agree with each other
+    and train like one device in distribution, not bit for bit."""
+
+    def __init__(self, world: World, placements: Placements, order: tuple[int, ...]) -> None:
+        """`order`: the dims from the outermost in memory to the innermost."""
+        super().__init__()
+        self.world, self.placements, self.order = world, placements, order
+
+    def forward(self, x: torch.Tensor, p: float, train: bool) -> torch.Tensor:
+        if p == 0 or not train or x.numel() == 0:
+            return x
+        if p == 1:
+            return x * torch.zeros((), dtype=x.dtype, device=x.device)
+        mesh = [self.world.axis_size(a) for a in range(len(self.placements))]
+        whole = [n * shard_count(self.placements, mesh, d) for d, n in enumerate(x.shape)]
+        noise = torch.empty([whole[d] for d in self.order], dtype=x.dtype, device=x.device)
+        noise = noise.permute([self.order.index(d) for d in range(x.dim())])  # whole's shape, `like`'s order
+        noise.bernoulli_(1 - p).div_(1 - p)
+        replicated = tuple(Replicate() for _ in self.placements)
+        return x * transform(noise, replicated, self.placements, self.world)
+
+    def extra_repr(self) -> str:
+        return f"placements={self.placements}"

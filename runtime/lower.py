@@ -182,6 +182,10 @@ class _Builder:
             shape = _local_shape(node, plan, self.stage.mesh.shape)
             target = aten.expand.default if node.target is aten.expand.default else aten.reshape.default
             value = self.graph.call_function(target, (args[0], shape))
+        elif node.target is aten.dropout.default:
+            like = node.args[0].meta["val"]
+            order = tuple(sorted(range(like.dim()), key=lambda d: (-like.stride(d), d)))
+            value = self._module(kernels.Dropout(self.world, plan.outputs[0], order), "dropout", *args, **kwargs)
         else:
             kernel = _kernel(node, plan, self.world)
             if isinstance(kernel, (kernels.BatchMeanLoss, kernels.VocabCrossEntropy)):
