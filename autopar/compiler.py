@@ -41,7 +41,7 @@ from autopar.runtime.compiled import CompiledModel
 from autopar.runtime.groups import ParamGroup, form_groups
 from autopar.runtime.lower import lower
 from autopar.runtime.params import make_holder
-from autopar.runtime.world import DEFAULT_TIMEOUT, World, init_from_env
+from autopar.runtime.world import DEFAULT_TIMEOUT, World, init_from_env, this_device
 
 _KEYS = itertools.count()
 
@@ -83,11 +83,13 @@ def compile(model: nn.Module, cluster: Cluster | None = None, *, example_inputs:
             plan = dataclasses.replace(plan, quantized=layers)
     _check(plan, captured)  # 4
     if len(plan.stages) > 1 or plan.schedule.kind != "none":
-        if drawn:
-            warnings.warn(f"random ops in the step ({', '.join(drawn)}) under a pipelined plan: each stage draws "
-                          f"its masks per microbatch from its own ranks' generator, so the plan trains like one "
-                          f"device in distribution, not bit for bit (single-stage plans draw the one-device masks)",
-                          stacklevel=2)
+        per_microbatch = [op for op in drawn if op != str(torch.ops.aten.dropout.default)
+                          or this_device().type != "cpu"]
+        if per_microbatch:
+            warnings.warn(f"random ops in the step ({', '.join(per_microbatch)}) under a pipelined plan: each stage "
+                          f"draws them per microbatch from its own ranks' generator, so the plan trains like one "
+                          f"device in distribution, not bit for bit (on CPU ranks dropout draws the one-device "
+                          f"masks)", stacklevel=2)
         if plan.precision == "fp16":
             raise ValueError("precision: found fp16 with pipeline stages, required bf16 or fp32 (dynamic loss "
                              "scaling runs on single-stage plans)")
@@ -238,6 +240,7 @@ def _compile_pipeline(model: nn.Module, captured: CapturedGraph, plan: Plan, exa
     whole = {name: _from_rank_zero(state[name], device) for name in captured.params}  # every rank, one order
     values = _state_values(captured, state, device)
     links = crossings(plan, captured)
+    masks = _masks(captured, micro, m) if device.type == "cpu" else None
     planned = frozenset(n for s in plan.stages for n in s.nodes)
     chunks = []
     for j, stage in enumerate(plan.stages):
@@ -251,14 +254,31 @@ def _compile_pipeline(model: nn.Module, captured: CapturedGraph, plan: Plan, exa
         buffers, placements = _buffers(micro, stage, values)
         boundary = Boundary(received=tuple(l.name for l in links if j in l.consumers),
                             sent=tuple(l.name for l in links if l.producer == j), planned=planned,
-                            microbatched=m > 1)
+                            microbatched=m > 1, masks=masks)
         program, layout = lower(micro, stage, world, holders, boundary)
         order = [holders[n] for n in layout.params]
         sync = GradientSync([h for h in order if bucketed(h)], world) if world.size > 1 else None
         chunks.append(Chunk(index=j, stage=stage, world=world, holders=holders, groups=groups, program=program,
                             layout=layout, buffers=buffers, buffer_placements=placements, sync=sync))
     return PipelineModel(captured=captured, micro=micro, plan=plan, chunks=chunks, links=links,
-                         state_keys=list(model.state_dict()), optimizer_factory=optimizer)
+                         state_keys=list(model.state_dict()), optimizer_factory=optimizer, masks=masks)
+
+
+def _masks(captured: CapturedGraph, micro: CapturedGraph, m: int):
+    """The step's dropouts for `runtime.kernels.Masks`, in the order one device draws them; None
+    when there are none. A dropout's batch dim is the one its microbatch capture is smaller in."""
+    from autopar.runtime.kernels import Drawn, Masks
+    from autopar.runtime.lower import memory_order
+
+    small = {n.name: n for n in micro.program.graph.nodes}
+    drawn = []
+    for node in captured.program.graph.nodes:
+        if node.target is torch.ops.aten.dropout.default and _draws(node):
+            like, part = node.args[0].meta["val"], small[node.name].args[0].meta["val"]
+            cut = [d for d in range(like.dim()) if like.shape[d] != part.shape[d]]
+            drawn.append(Drawn(name=node.name, shape=tuple(like.shape), order=memory_order(like), p=float(node.args[1]),
+                               dtype=like.dtype, batch_dim=cut[0] if cut else None))
+    return Masks(drawn, m) if drawn else None
 
 
 def _first_microbatch(tree, m: int):

@@ -76,6 +76,8 @@ class Boundary:
     """Every planned op of the whole plan: an op outside it is a constant, computed where needed."""
     microbatched: bool = False
     """The batch is cut into microbatches: a cross-entropy mean divides by the whole batch's count."""
+    masks: kernels.Masks | None = None
+    """The step's dropout masks, drawn ahead as one device draws them (`kernels.Masks`)."""
 
 
 class _Program(nn.Module):
@@ -183,9 +185,10 @@ class _Builder:
             target = aten.expand.default if node.target is aten.expand.default else aten.reshape.default
             value = self.graph.call_function(target, (args[0], shape))
         elif node.target is aten.dropout.default:
-            like = node.args[0].meta["val"]
-            order = tuple(sorted(range(like.dim()), key=lambda d: (-like.stride(d), d)))
-            value = self._module(kernels.Dropout(self.world, plan.outputs[0], order), "dropout", *args, **kwargs)
+            order = memory_order(node.args[0].meta["val"])
+            masks = self.boundary.masks if self.boundary else None
+            value = self._module(kernels.Dropout(self.world, plan.outputs[0], order, masks, node.name), "dropout",
+                                 *args, **kwargs)
         else:
             kernel = _kernel(node, plan, self.world)
             if isinstance(kernel, (kernels.BatchMeanLoss, kernels.VocabCrossEntropy)):
@@ -351,6 +354,11 @@ def _outputs(node: fx.Node) -> list:
 def _tied(captured: CapturedGraph, name: str, holders) -> str:
     info = captured.params[name]
     return next(t for t in info.tied if t in holders)
+
+
+def memory_order(like: torch.Tensor) -> tuple[int, ...]:
+    """`like`'s dims from the outermost in memory to the innermost (its strides, largest first)."""
+    return tuple(sorted(range(like.dim()), key=lambda d: (-like.stride(d), d)))
 
 
 def _local_shape(node: fx.Node, plan: NodePlan, mesh_shape) -> list[int]:

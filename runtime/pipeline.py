@@ -102,8 +102,10 @@ class Chunk:
 
 class PipelineModel:
     def __init__(self, *, captured: CapturedGraph, micro: CapturedGraph, plan: Plan, chunks: list[Chunk],
-                 links: list[Crossing], state_keys: list[str], optimizer_factory=None) -> None:
+                 links: list[Crossing], state_keys: list[str], optimizer_factory=None, masks=None) -> None:
         self.captured, self.micro, self.plan, self.chunks, self.links = captured, micro, plan, chunks, links
+        self.masks = masks
+        """The step's dropout masks (`runtime.kernels.Masks`), drawn at its start; None without dropout."""
         self._state_keys = state_keys
         self.p = len(plan.stages) // plan.schedule.virtual
         self.m = plan.schedule.microbatches
@@ -220,6 +222,8 @@ class PipelineModel:
 
     def _forward(self, chunk: Chunk, k: int, micro: list, whole: list, grad: bool) -> list:
         received = [self._receive_forward(self._by_name[n], chunk.index, k) for n in chunk.layout.received]
+        if self.masks is not None:
+            self.masks.current = k
         with torch.set_grad_enabled(grad), regather():
             try:
                 outputs = list(chunk.program(*self._args(chunk, received, micro[k], whole)))
@@ -285,6 +289,8 @@ class PipelineModel:
         self.optimizer.zero_grad(set_to_none=True)
         whole = [x.to(self.world.device) for x in pytree.tree_leaves((inputs, target))]
         micro = self._microbatches(whole)
+        if self.masks is not None:
+            self.masks.draw(self.world.device)
         losses = {}
         for position, (action, c, k) in enumerate(self.order):
             chunk = self.mine[c * self.p + self.group]
@@ -351,6 +357,8 @@ class PipelineModel:
         if self.captured.has_loss:
             flat += [torch.zeros(t.shape, dtype=t.dtype, device=self.world.device) for t in self._inputs[len(flat):]]
         micro = self._microbatches(flat)
+        if self.masks is not None:
+            self.masks.draw(self.world.device)
         produced: dict[str, list] = defaultdict(list)
         for c in range(self.plan.schedule.virtual):
             chunk = self.mine[c * self.p + self.group]
