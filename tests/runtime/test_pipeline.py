@@ -58,7 +58,7 @@ def test_dropout_draws_the_one_device_mask_in_pipelines(schedule, stages, inside
     keeps its microbatch's part (`runtime.kernels.Masks`). Drawn by each stage per microbatch, the
     losses miss rtol 1e-10 from the first step."""
     run(pools, {"stages": stages, "schedule": schedule, "microbatches": 4}, strategy=inside,
-        world=stages if inside == "auto" else 4, overrides={**LAYERS, "dropout": 0.1})
+        world=stages if inside == "auto" else 4, overrides={"n_layers": 4, "dropout": 0.1})
 
 
 def test_one_stage_with_microbatches_accumulates_gradients(pools):

@@ -24,7 +24,7 @@ def test_quantized_models_train_like_one_device(scheme, world, strategy, pools):
 
 
 def test_plans_hold_the_smaller_weights():
-    entry = models.get("gpt3-350m")
+    entry = models.get("gpt3-125m")
     model = entry.build(device="meta")
     inputs, target = entry.example_batch(8, device="meta")
     cluster = autopar.Cluster.preset("h100", gpus_per_node=2)
