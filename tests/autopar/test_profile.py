@@ -168,20 +168,29 @@ def test_group_sizes_and_groups():
 
 def test_a_collective_is_timed_after_computation_and_the_computation_subtracted(monkeypatch):
     """`in_step_seconds` runs (chunk, collective) pairs and chunks alone, and returns the difference:
-    with a 5 ms chunk, a stand-in collective sleeping 2 ms measures 2 ms, one doing nothing about
-    nothing."""
-    import time
+    with a 5 ms chunk, a stand-in collective taking 2 ms measures 2 ms, one taking nothing about
+    nothing. On a clock that only the chunk and the collective advance, so that what else the
+    machine does cannot move it."""
+    import types
+
+    now = [0.0]
+
+    def spend(seconds):
+        def call():
+            now[0] += seconds
+        return call
 
     agreed = []
-    monkeypatch.setattr(profile_collectives, "_chunk", lambda device: lambda: time.sleep(0.005))
+    monkeypatch.setattr(profile_collectives, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(profile_collectives, "_chunk", lambda device: spend(0.005))
     monkeypatch.setattr(profile_collectives.dist, "barrier", lambda group=None: None)
     monkeypatch.setattr(profile_collectives.dist, "all_reduce", lambda t, op=None, group=None: agreed.append(int(t)))
     cpu = torch.device("cpu")
-    slept = profile_collectives.in_step_seconds(lambda: time.sleep(0.002), cpu, None, repeats=5, sample=0.05)
-    assert 0.0015 < slept < 0.0045  # 2 ms: not the pair's 7 ms
-    assert agreed and agreed[0] >= 3  # the pairs per repeat (about 7 ms each), agreed over the group, fill the sample
-    nothing = profile_collectives.in_step_seconds(lambda: None, cpu, None, repeats=5, sample=0.05)
-    assert nothing < 0.001
+    taken = profile_collectives.in_step_seconds(spend(0.002), cpu, None, repeats=5, sample=0.05)
+    assert taken == pytest.approx(0.002)  # not the pair's 7 ms
+    assert agreed == [8]  # the pairs per repeat: ceil(50 ms / 7 ms), agreed over the group
+    nothing = profile_collectives.in_step_seconds(spend(0.0), cpu, None, repeats=5, sample=0.05)
+    assert nothing < 1e-6
 
 
 def test_profile_command_help(capsys):
