@@ -318,7 +318,8 @@ def _add_bench(sub) -> None:
                                    "configuration, 8 to 1024 GPUs. "
                                    "`accuracy`: predicted against measured step time and memory of 16 plans on "
                                    "2 and 4 local ranks, profiled first (with --gpu: 8 plans on this machine's "
-                                   "first GPU). "
+                                   "first GPU); each error against the median and the fastest round, and the "
+                                   "CPU time the hypervisor took meanwhile (steal). "
                                    "`runtime`: step times of autopar's dp, fsdp, tp and auto plans against "
                                    "DistributedDataParallel, FSDP2 and parallelize_module on local gloo ranks.")
     p.add_argument("suite", choices=["capture", "planner", "pipeline", "runtime", "quant", "accuracy"],

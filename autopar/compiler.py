@@ -7,10 +7,11 @@
 
 Steps, top to bottom (the arguments are checked first, before any process group is joined):
 1. join the torch.distributed world (from torchrun's environment when no group exists yet);
-2. capture the training step, on every rank (deterministic); when it draws random numbers
-   (dropout), check every rank's default generator is in the same state (`_same_random_state`);
+2. capture the training step, on every rank (deterministic);
 3. plan on rank 0 (or take the given plan) and hand the JSON to every rank through the store;
-4. check the plan fits this graph (fingerprint, op and parameter names, shapes) and this world;
+4. check the plan fits this graph (fingerprint, op and parameter names, shapes) and this world, and,
+   when the step draws random numbers (dropout), that every rank's generator agrees
+   (`runtime.dropout.check_random`);
 5. hold each parameter as the plan says, from rank 0's values;
 6. lower this rank's program (`runtime.lower`).
 """
@@ -18,9 +19,7 @@ Steps, top to bottom (the arguments are checked first, before any process group 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -32,16 +31,16 @@ from autopar.assemble import fingerprint
 from autopar.capture import capture
 from autopar.cluster import Cluster
 from autopar.cost.memory import normalize_precision
-from autopar.errors import AutoparError
 from autopar.graph import CapturedGraph
 from autopar.plan import Plan
 from autopar.passes.rules import tensor_args
 from autopar.passes.strategies import NodeSharding, grads_of
 from autopar.runtime.compiled import CompiledModel
+from autopar.runtime.dropout import check_random, step_masks
 from autopar.runtime.groups import ParamGroup, form_groups
 from autopar.runtime.lower import lower
 from autopar.runtime.params import make_holder
-from autopar.runtime.world import DEFAULT_TIMEOUT, World, init_from_env, this_device
+from autopar.runtime.world import DEFAULT_TIMEOUT, World, init_from_env
 
 _KEYS = itertools.count()
 
@@ -75,21 +74,14 @@ def compile(model: nn.Module, cluster: Cluster | None = None, *, example_inputs:
                                batches=[(example_inputs, target)] if loss_fn is not None else None)
         model = quantize_model(model, layers) if layers else model
     captured = capture(model, example_inputs, loss_fn=loss_fn, target=target, precision=precision)  # 2
-    drawn = _same_random_state(captured)
     if plan is None:  # 3
         plan = _plan_on_rank_zero(captured, cluster, type(model).__name__, strategy=strategy, precision=precision,
                                   memory_budget=memory_budget, time_limit=time_limit, pipeline=pipeline)
         if quantize is not None and layers:
             plan = dataclasses.replace(plan, quantized=layers)
     _check(plan, captured)  # 4
+    check_random(captured, pipelined=len(plan.stages) > 1 or plan.schedule.kind != "none")
     if len(plan.stages) > 1 or plan.schedule.kind != "none":
-        per_microbatch = [op for op in drawn if op != str(torch.ops.aten.dropout.default)
-                          or this_device().type != "cpu"]
-        if per_microbatch:
-            warnings.warn(f"random ops in the step ({', '.join(per_microbatch)}) under a pipelined plan: each stage "
-                          f"draws them per microbatch from its own ranks' generator, so the plan trains like one "
-                          f"device in distribution, not bit for bit (on CPU ranks dropout draws the one-device "
-                          f"masks)", stacklevel=2)
         if plan.precision == "fp16":
             raise ValueError("precision: found fp16 with pipeline stages, required bf16 or fp32 (dynamic loss "
                              "scaling runs on single-stage plans)")
@@ -109,51 +101,6 @@ def compile(model: nn.Module, cluster: Cluster | None = None, *, example_inputs:
                          layout=layout,
                          buffers=buffers, buffer_placements=buffer_placements, state_keys=list(model.state_dict()),
                          optimizer_factory=optimizer)
-
-
-def _same_random_state(captured: CapturedGraph) -> list[str]:
-    """A step that draws random numbers (dropout's mask, `torch.rand`) trains like one device only
-    when every rank draws what the one device would: the whole tensor from the same generator state,
-    each rank keeping its part (`runtime.kernels.Dropout`; a replicated op draws the whole anyway).
-    Ranks seeded apart (`torch.manual_seed(seed + rank)`, common in data-parallel scripts) would drop
-    different units of the same replicated activation on each rank, and their copies would part
-    silently; so they are an error here, on every rank at once. Returns the random ops found."""
-    drawn = sorted({str(n.target) for n in captured.program.graph.nodes if _draws(n)})
-    if not drawn or not dist.is_initialized() or dist.get_world_size() == 1:
-        return drawn
-    inexact = [op for op in drawn if op != str(torch.ops.aten.dropout.default)]
-    if inexact:
-        warnings.warn(f"random ops in the step ({', '.join(inexact)}): each rank draws for its own part of "
-                      f"the tensor, so a plan that splits it trains like one device in distribution, not bit for "
-                      f"bit (dropout modules, `aten.dropout`, draw the one-device mask)", stacklevel=3)
-    state = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state = torch.cat([state, torch.cuda.get_rng_state()])
-    digest = hashlib.sha256(state.numpy().tobytes()).hexdigest()
-    found = [None] * dist.get_world_size()
-    dist.all_gather_object(found, digest)
-    apart = [rank for rank, d in enumerate(found) if d != found[0]]
-    if apart:
-        raise AutoparError(f"random ops in the step ({', '.join(drawn)}): found the default random generator in "
-                           f"another state on rank(s) {apart} than on rank 0, required the same state on every "
-                           f"rank (one torch.manual_seed(s) everywhere before compiling and stepping), so that "
-                           f"each rank keeps its part of the mask one device would draw")
-    return drawn
-
-
-def _draws(node: torch.fx.Node) -> bool:
-    """Whether the node draws random numbers when it runs: an op tagged as seeded by the generator,
-    except dropout at p = 0 or outside training, and attention without dropout."""
-    target = node.target
-    if not isinstance(target, torch._ops.OpOverload) or torch.Tag.nondeterministic_seeded not in target.tags:
-        return False
-    schema = {a.name: a.default_value if a.has_default_value() else None for a in target._schema.arguments}
-    arguments = schema | dict(zip(schema, node.args)) | dict(node.kwargs)
-    if "dropout_p" in schema:  # scaled_dot_product_attention and its kernels
-        return (arguments["dropout_p"] or 0.0) > 0
-    if "train" in schema and "p" in schema:  # dropout, native_dropout, feature and alpha dropout
-        return arguments["p"] > 0 and arguments["train"] is not False
-    return True
 
 
 def _plan_on_rank_zero(captured: CapturedGraph, cluster: Cluster, name: str, **options) -> Plan:
@@ -240,7 +187,7 @@ def _compile_pipeline(model: nn.Module, captured: CapturedGraph, plan: Plan, exa
     whole = {name: _from_rank_zero(state[name], device) for name in captured.params}  # every rank, one order
     values = _state_values(captured, state, device)
     links = crossings(plan, captured)
-    masks = _masks(captured, micro, m) if device.type == "cpu" else None
+    masks = step_masks(captured, micro, m) if device.type == "cpu" else None
     planned = frozenset(n for s in plan.stages for n in s.nodes)
     chunks = []
     for j, stage in enumerate(plan.stages):
@@ -263,22 +210,6 @@ def _compile_pipeline(model: nn.Module, captured: CapturedGraph, plan: Plan, exa
     return PipelineModel(captured=captured, micro=micro, plan=plan, chunks=chunks, links=links,
                          state_keys=list(model.state_dict()), optimizer_factory=optimizer, masks=masks)
 
-
-def _masks(captured: CapturedGraph, micro: CapturedGraph, m: int):
-    """The step's dropouts for `runtime.kernels.Masks`, in the order one device draws them; None
-    when there are none. A dropout's batch dim is the one its microbatch capture is smaller in."""
-    from autopar.runtime.kernels import Drawn, Masks
-    from autopar.runtime.lower import memory_order
-
-    small = {n.name: n for n in micro.program.graph.nodes}
-    drawn = []
-    for node in captured.program.graph.nodes:
-        if node.target is torch.ops.aten.dropout.default and _draws(node):
-            like, part = node.args[0].meta["val"], small[node.name].args[0].meta["val"]
-            cut = [d for d in range(like.dim()) if like.shape[d] != part.shape[d]]
-            drawn.append(Drawn(name=node.name, shape=tuple(like.shape), order=memory_order(like), p=float(node.args[1]),
-                               dtype=like.dtype, batch_dim=cut[0] if cut else None))
-    return Masks(drawn, m) if drawn else None
 
 
 def _first_microbatch(tree, m: int):

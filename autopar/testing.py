@@ -99,7 +99,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     plan = autopar.Plan.from_json(case["plan"]) if case.get("plan") else None
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     cluster = autopar.Cluster.preset("cpu", gpus_per_node=world)
-    _seed(case, -1)  # the ranks agree from here (`autopar.compiler._same_random_state`)
+    _seed(case, -1)  # the ranks agree from here (`runtime.dropout.check_random`)
     if case.get("seed_apart"):  # each rank its own seed, as many data-parallel scripts do
         torch.manual_seed(torch.distributed.get_rank())
     with _reused_captures(json.dumps([case["model"], case.get("overrides", {}), case["dtype"],

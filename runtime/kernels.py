@@ -10,22 +10,16 @@ Each is a module, so the lowered program shows it as one explicit node with its 
 - `BatchMeanLoss`: a mean over a split batch is each rank's sum over the global count of targets
   (an all-reduce of one number), exact even when ranks hold different numbers of ignored targets.
 - `SyncBatchNorm`: batch statistics all-reduced over the axes that split the batch.
-- `Dropout`: the mask one device would draw for the whole tensor, of which each rank keeps its part.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import Replicate
 
-from autopar.runtime.collectives import transform
 from autopar.runtime.world import World
-from autopar.vocab import Placements, shard_count
 
 
 def _shard_index(world: World, axes: tuple[int, ...]) -> tuple[int, int]:
@@ -216,87 +210,3 @@ class SyncBatchNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"batch norm with statistics all-reduced over axes {list(self.axes)}"
 
-
-class Dropout(nn.Module):
-    """`aten.dropout` on a placed tensor, drawing the mask one device draws. ATen's dropout (CPU;
-    `_dropout_impl` in aten/src/ATen/native/Dropout.cpp) is
-
-        noise = empty_like(x).bernoulli_(1 − p) / (1 − p);   y = x · noise
-
-    Here `noise` is drawn for the whole tensor, in the memory order one device's tensor has (its
-    strides' order, as `empty_like` keeps it), from the default generator, and this rank keeps its part of it. So every plan
-    draws the same mask, the one-device mask, as long as every rank's generator holds the same state
-    as the one device's (the compiler checks the ranks agree: `autopar.compiler`). Each rank draws
-    the whole tensor, what a replicated tensor costs. On a GPU one device runs the fused kernel
-    (`native_dropout`), whose mask comes from another stream: plans there agree with each other
-    and train like one device in distribution, not bit for bit."""
-
-    def __init__(self, world: World, placements: Placements, order: tuple[int, ...], masks: Masks | None = None,
-                 name: str = "") -> None:
-        """`order`: the dims from the outermost in memory to the innermost. `masks`: the step's masks
-        drawn ahead (a pipeline's microbatches), this node's under `name`."""
-        super().__init__()
-        self.world, self.placements, self.order, self.masks, self.name = world, placements, order, masks, name
-
-    def forward(self, x: torch.Tensor, p: float, train: bool) -> torch.Tensor:
-        if p == 0 or not train or x.numel() == 0:
-            return x
-        if p == 1:
-            return x * torch.zeros((), dtype=x.dtype, device=x.device)
-        if self.masks is not None and self.name in self.masks.noise:
-            noise = self.masks.part(self.name)
-        else:
-            mesh = [self.world.axis_size(a) for a in range(len(self.placements))]
-            noise = _noise([n * shard_count(self.placements, mesh, d) for d, n in enumerate(x.shape)], self.order,
-                           p, x.dtype, x.device)
-        local = transform(noise, tuple(Replicate() for _ in self.placements), self.placements, self.world)
-        if local.untyped_storage().nbytes() > local.nbytes:  # keep (for backward) only this rank's part
-            local = local.clone()
-        return x * local
-
-    def extra_repr(self) -> str:
-        return f"placements={self.placements}"
-
-
-def _noise(shape: list[int], order: tuple[int, ...], p: float, dtype: torch.dtype, device) -> torch.Tensor:
-    """bernoulli(1 − p) / (1 − p) of `shape`, laid out in memory in `order` (outermost first)."""
-    noise = torch.empty([shape[d] for d in order], dtype=dtype, device=device)
-    noise = noise.permute([order.index(d) for d in range(len(shape))])
-    return noise.bernoulli_(1 - p).div_(1 - p)
-
-
-@dataclass(frozen=True, slots=True)
-class Drawn:
-    """One dropout of the step: its node, the whole batch's shape and memory order, p, and the dim
-    the microbatches cut (None when its tensor does not follow the batch)."""
-
-    name: str
-    shape: tuple[int, ...]
-    order: tuple[int, ...]
-    p: float
-    dtype: torch.dtype
-    batch_dim: int | None
-
-
-class Masks:
-    """A pipelined step's dropout masks, drawn as one device draws them. One device draws each
-    dropout's mask for the whole batch, in the order of the forward; a pipeline runs each stage on
-    its own ranks, microbatch by microbatch. So every rank draws the whole step's masks at its start,
-    in the one device's order from the same generator state (`draw`: every rank's generator then
-    advances as the one device's does), and each `Dropout` keeps its microbatch's part (`current`,
-    set by the pipeline) of its node's mask. The price: every rank holds the step's masks, what one
-    device holds."""
-
-    def __init__(self, drawn: list[Drawn], microbatches: int) -> None:
-        self.drawn, self.m = {d.name: d for d in drawn}, microbatches
-        self.noise: dict[str, torch.Tensor] = {}
-        self.current = 0
-
-    def draw(self, device) -> None:
-        self.noise = {d.name: _noise(list(d.shape), d.order, d.p, d.dtype, device) for d in self.drawn.values()}
-        self.current = 0
-
-    def part(self, name: str) -> torch.Tensor:
-        drawn = self.drawn[name]
-        noise = self.noise[name]
-        return noise if drawn.batch_dim is None else noise.chunk(self.m, drawn.batch_dim)[self.current]

@@ -29,7 +29,7 @@ from autopar.passes.reshard import moves
 from autopar.passes.rules import tensor_args
 from autopar.passes.strategies import NodeSharding, grads_of, normalized
 from autopar.passes.units import roles
-from autopar.runtime import kernels
+from autopar.runtime import dropout, kernels
 from autopar.runtime.collectives import Reshard, ReshardSpec
 from autopar.runtime.groups import GroupGather
 from autopar.runtime.params import Holder
@@ -76,8 +76,8 @@ class Boundary:
     """Every planned op of the whole plan: an op outside it is a constant, computed where needed."""
     microbatched: bool = False
     """The batch is cut into microbatches: a cross-entropy mean divides by the whole batch's count."""
-    masks: kernels.Masks | None = None
-    """The step's dropout masks, drawn ahead as one device draws them (`kernels.Masks`)."""
+    masks: dropout.Masks | None = None
+    """The step's dropout masks, drawn ahead as one device draws them (`dropout.Masks`)."""
 
 
 class _Program(nn.Module):
@@ -185,9 +185,9 @@ class _Builder:
             target = aten.expand.default if node.target is aten.expand.default else aten.reshape.default
             value = self.graph.call_function(target, (args[0], shape))
         elif node.target is aten.dropout.default:
-            order = memory_order(node.args[0].meta["val"])
+            order = dropout.memory_order(node.args[0].meta["val"])
             masks = self.boundary.masks if self.boundary else None
-            value = self._module(kernels.Dropout(self.world, plan.outputs[0], order, masks, node.name), "dropout",
+            value = self._module(dropout.Dropout(self.world, plan.outputs[0], order, masks, node.name), "dropout",
                                  *args, **kwargs)
         else:
             kernel = _kernel(node, plan, self.world)
@@ -354,11 +354,6 @@ def _outputs(node: fx.Node) -> list:
 def _tied(captured: CapturedGraph, name: str, holders) -> str:
     info = captured.params[name]
     return next(t for t in info.tied if t in holders)
-
-
-def memory_order(like: torch.Tensor) -> tuple[int, ...]:
-    """`like`'s dims from the outermost in memory to the innermost (its strides, largest first)."""
-    return tuple(sorted(range(like.dim()), key=lambda d: (-like.stride(d), d)))
 
 
 def _local_shape(node: fx.Node, plan: NodePlan, mesh_shape) -> list[int]:

@@ -105,7 +105,7 @@ class PipelineModel:
                  links: list[Crossing], state_keys: list[str], optimizer_factory=None, masks=None) -> None:
         self.captured, self.micro, self.plan, self.chunks, self.links = captured, micro, plan, chunks, links
         self.masks = masks
-        """The step's dropout masks (`runtime.kernels.Masks`), drawn at its start; None without dropout."""
+        """The step's dropout masks (`runtime.dropout.Masks`), drawn at its start; None without dropout."""
         self._state_keys = state_keys
         self.p = len(plan.stages) // plan.schedule.virtual
         self.m = plan.schedule.microbatches

@@ -288,7 +288,9 @@ def add_parser(sub) -> None:
                                    "cost of one kernel, and every collective over group sizes 2, 4, ... and "
                                    "message sizes 4 KiB to 64 MiB, each timed after a chunk of computation as a "
                                    "training step meets it (α and β least-squares fitted), on every rank "
-                                   "at once; write a cluster JSON that `--cluster FILE` reads. Under torchrun "
+                                   "at once; write a cluster JSON that `--cluster FILE` reads, and print the "
+                                   "share of CPU time the hypervisor took meanwhile (steal; a warning above 5%). "
+                                   "Under torchrun "
                                    "every rank takes part and rank 0 writes; otherwise --nproc local ranks are "
                                    "started. CPU ranks get the machine's RAM divided among them as memory.")
     p.add_argument("--out", required=True, help="the cluster JSON file to write")

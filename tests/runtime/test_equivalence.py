@@ -57,7 +57,7 @@ DROPOUT = {"dropout": 0.1}
 @pytest.mark.parametrize(("world", "strategy"), [(2, "dp"), (2, "tp"), (2, "fsdp"), (4, "zero1"), (4, "dp+tp")])
 def test_dropout_draws_the_one_device_mask_under_every_plan(world, strategy, pools):
     """GPT-2's dropout (0.1) on the embeddings and every residual branch: each rank keeps its part of
-    the mask one device draws (`runtime.kernels.Dropout`), so every plan trains to the same losses and
+    the mask one device draws (`runtime.dropout.Dropout`), so every plan trains to the same losses and
     parameters. Drawn on each rank's own part instead, the losses miss rtol 1e-5 from the first step."""
     for dtype, optimizer in (("float32", FP32_OPTIMIZER), ("float64", {})):
         case = {"model": "gpt-tiny", "strategy": strategy, "dtype": dtype, "overrides": DROPOUT, **optimizer}

@@ -55,7 +55,7 @@ def test_zero_bubble_trains_like_one_device(stages, pools):
                                                          ("zero-bubble", 2, "dp")])
 def test_dropout_draws_the_one_device_mask_in_pipelines(schedule, stages, inside, pools):
     """Dropout 0.1 (GPT-2's): every rank draws the step's masks as one device does and each stage
-    keeps its microbatch's part (`runtime.kernels.Masks`). Drawn by each stage per microbatch, the
+    keeps its microbatch's part (`runtime.dropout.Masks`). Drawn by each stage per microbatch, the
     losses miss rtol 1e-10 from the first step."""
     run(pools, {"stages": stages, "schedule": schedule, "microbatches": 4}, strategy=inside,
         world=stages if inside == "auto" else 4, overrides={"n_layers": 4, "dropout": 0.1})
