@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from autopar.cost.profile import PROFILED, CollectiveFit, fit_alpha_beta
 from autopar.progress import Bar
-from autopar.runtime.timing import max_over_ranks, median_seconds
+from autopar.runtime.timing import max_over_ranks, sync
 
 if TYPE_CHECKING:
     from autopar.runtime.profiler import Settings
@@ -50,12 +50,13 @@ def groups(p: int, world: int, per_node: int, scope: str) -> list[list[int]]:
             for b in range(nodes // k) for o in range(per_node // g)]
 
 
-def _collective(kind: str, members: list[int], group, nbytes: int, device: torch.device):
-    """(call, bytes n as CommModel counts them) for one collective of about `nbytes` on this rank."""
+def _collective(kind: str, members: list[int], group, nbytes: int, buffers: list[torch.Tensor]):
+    """(call, bytes n as CommModel counts them) for one collective of about `nbytes` on this rank,
+    on views of `buffers` (three flat fp32 tensors of the largest message), so that every size of
+    every kind can be timed in turns without holding a message of each."""
     p, rank = len(members), dist.get_rank()
     per = max(nbytes // 4 // p, 1)  # fp32 elements of one rank's piece
-    whole = torch.zeros(per * p, device=device)
-    piece = torch.zeros(per, device=device)
+    whole, piece, received = buffers[0][:per * p], buffers[1][:per], buffers[2][:per * p]
     if kind == "all_reduce":
         return (lambda: dist.all_reduce(whole, group=group)), whole.nbytes
     if kind == "all_gather":
@@ -65,7 +66,6 @@ def _collective(kind: str, members: list[int], group, nbytes: int, device: torch
     if kind == "broadcast":
         return (lambda: dist.broadcast(whole, src=members[0], group=group)), whole.nbytes
     if kind == "all_to_all":
-        received = torch.empty_like(whole)
         return (lambda: dist.all_to_all_single(received, whole, group=group)), whole.nbytes
     if rank == members[0]:  # send_recv: the first member sends, the second receives
         return (lambda: dist.send(whole, dst=members[1])), whole.nbytes
@@ -84,9 +84,11 @@ def _chunk(device: torch.device):
     return lambda: torch.mm(a, b)
 
 
-def in_step_seconds(call, device: torch.device, group, *, repeats: int, sample: float) -> float:
-    """Seconds of one collective as a training step meets it: each timed repeat runs `inner`
-    (chunk, collective) pairs in a row, and the same number of chunks alone is timed in alternation,
+def in_step_seconds(calls, device: torch.device, group, *, repeats, sample: float,
+                    progress=None) -> list[float]:
+    """Seconds of each collective of `calls` as a training step meets it: each timed repeat runs
+    `inner` (chunk, collective) pairs in a row, and the same number of chunks alone is timed right
+    after it,
 
         t = median(chunk + collective) − median(chunk alone)
 
@@ -94,38 +96,76 @@ def in_step_seconds(call, device: torch.device, group, *, repeats: int, sample: 
     hot; inside a step the ranks arrive from computing, apart, with their communication threads
     asleep, which on CPU ranks sharing cores costs about twice the barrier-aligned time (2 gloo
     ranks on 2 cores: all-reduce α fitted at 1.74 ms in-step against 0.77 ms after a barrier;
-    BENCHMARKS.md, cost-model accuracy). `inner` is agreed over the group
-    (each rank runs the same number of collectives), enough for a repeat to last `sample` seconds.
-    On a GPU (no chunk) this is `median_seconds` of the collective after a barrier."""
+    BENCHMARKS.md, cost-model accuracy). `inner` is agreed over the group (each rank runs the same
+    number of collectives), enough for a repeat to last `sample` seconds.
+
+    The calls take turns: each round times one repeat of every call (`repeats[i]` of call i spread
+    evenly over max(repeats) rounds), so that a burst of another program's load on a shared machine
+    slows one repeat of many calls, which the medians drop, instead of every repeat of a few: timed
+    one call after the other, three back-to-back fits on 2 ranks read α up to 1.66× apart.
+    `progress` is called after each round. On a GPU (no chunk) each repeat is the collective alone
+    after a barrier, timed with CUDA events."""
+    counts = [repeats] * len(calls) if isinstance(repeats, int) else list(repeats)
     chunk = _chunk(device)
     barrier = lambda: dist.barrier(group=group)  # noqa: E731
-    if chunk is None:
-        return median_seconds(call, device, repeats=repeats, warmup=2, before=barrier)
-    for _ in range(2):  # warm-up; the second pair's time sizes `inner`
-        barrier()
-        begin = time.perf_counter()
-        chunk()
-        call()
-        once = time.perf_counter() - begin
-    agreed = torch.tensor([math.ceil(sample / max(once, 1e-9))], dtype=torch.int64)
+    inner = [_pairs_per_repeat(call, chunk, barrier, group, sample, device) for call in calls]
+    both, alone = [[] for _ in calls], [[] for _ in calls]
+    rounds = max(counts)
+    for r in range(rounds):
+        for i, call in enumerate(calls):
+            if r * counts[i] % rounds >= counts[i]:
+                continue  # call i has fewer repeats than there are rounds, and this is not one of its
+            both[i].append(_repeat(chunk, call, inner[i], barrier, device))
+            alone[i].append(_repeat(chunk, None, inner[i], barrier, device) if chunk is not None else 0.0)
+        if progress is not None:
+            progress()
+    return [max(statistics.median(b) - statistics.median(a), 1e-7) for b, a in zip(both, alone)]
+
+
+def _repeat(chunk, call, inner: int, barrier, device: torch.device) -> float:
+    """Seconds per (chunk, call) pair over `inner` pairs in a row, after a barrier; the chunk alone
+    when `call` is None, the call alone when `chunk` is None (CUDA events on a GPU)."""
+    barrier()
+    sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    begin = time.perf_counter()
+    for _ in range(inner):
+        if chunk is not None:
+            chunk()
+        if call is not None:
+            call()
+    if device.type == "cuda":
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / inner
+    return (time.perf_counter() - begin) / inner
+
+
+def _pairs_per_repeat(call, chunk, barrier, group, sample: float, device: torch.device) -> int:
+    """(chunk, call) pairs in one timed repeat: enough to last `sample` seconds, the most any rank
+    of the group needs, at most 200. Two warm-up pairs, the second timed."""
+    for _ in range(2):
+        once = _repeat(chunk, call, 1, barrier, device)
+    agreed = torch.tensor([math.ceil(sample / max(once, 1e-9))], dtype=torch.int64, device=device)
     dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
-    inner = max(1, min(int(agreed), 200))
-    both, alone = [], []
-    for _ in range(repeats):
-        for times, collective in ((both, True), (alone, False)):
-            barrier()
-            begin = time.perf_counter()
-            for _ in range(inner):
-                chunk()
-                if collective:
-                    call()
-            times.append((time.perf_counter() - begin) / inner)
-    return max(statistics.median(both) - statistics.median(alone), 1e-7)
+    return max(1, min(int(agreed), 200))
+
+
+def rounds(settings: Settings) -> int:
+    """Rounds of `measure_collectives` per group: three times the repeats, which small messages
+    (the noisiest) get, large ones a third of them."""
+    return 3 * settings.repeats
 
 
 def measure_collectives(settings: Settings, device: torch.device, per_node: int,
                         progress: Bar) -> tuple[CollectiveFit, ...]:
+    """α and β of every collective of `PROFILED` on every (group size, scope) of `group_sizes`,
+    every message size of every kind timed in turns (`in_step_seconds`); `progress` advances by one
+    per round and group."""
     world, rank = dist.get_world_size(), dist.get_rank()
+    largest = max(settings.message_sizes)
     fits = []
     for p, scope in group_sizes(world, per_node):
         mine, handle = None, None
@@ -133,26 +173,25 @@ def measure_collectives(settings: Settings, device: torch.device, per_node: int,
             g = dist.new_group(members)
             if rank in members:
                 mine, handle = members, g
-        if mine is not None:  # a new group's first collectives set up its connections: not timed
-            for _ in range(20):
+        kinds = [kind for kind in PROFILED if kind != "send_recv" or p == 2]
+        label = f"collectives p={p} {scope}"
+        seconds = {}
+        if mine is not None:
+            for _ in range(20):  # a new group's first collectives set up its connections: not timed
                 dist.all_reduce(torch.zeros(16, device=device), group=handle)
-        for kind in PROFILED:
-            if kind == "send_recv" and p != 2:
-                continue
-            sizes, times = [], []
-            for nbytes in settings.message_sizes:
-                progress.advance(f"{kind} p={p} {scope} {nbytes // KiB} KiB")
-                seconds, n = 0.0, nbytes
-                if mine is not None:
-                    call, n = _collective(kind, mine, handle, nbytes, device)
-                    # Small messages are cheap and the noisiest: three times the repeats (a count
-                    # every rank of the group agrees on).
-                    repeats = settings.repeats * (3 if n <= 256 * KiB else 1)
-                    seconds = in_step_seconds(call, device, handle, repeats=repeats,
-                                              sample=settings.sample / 2)
-                sizes.append(n)
-                times.append(seconds)
-            times = max_over_ranks(times, device)
+            buffers = [torch.zeros(largest // 4 + 1, device=device) for _ in range(3)]
+            keys = [(kind, nbytes) for kind in kinds for nbytes in settings.message_sizes]
+            calls = {key: _collective(key[0], mine, handle, key[1], buffers) for key in keys}
+            # Small messages are cheap and the noisiest: three times the repeats.
+            counts = [rounds(settings) if calls[key][1] <= 256 * KiB else settings.repeats for key in keys]
+            timed = in_step_seconds([calls[key][0] for key in keys], device, handle, repeats=counts,
+                                    sample=settings.sample / 2, progress=lambda: progress.advance(label))
+            seconds = {key: (calls[key][1], t) for key, t in zip(keys, timed)}
+        else:
+            progress.advance(label, by=rounds(settings))
+        for kind in kinds:
+            sizes = [seconds.get((kind, n), (n, 0.0))[0] for n in settings.message_sizes]
+            times = max_over_ranks([seconds.get((kind, n), (n, 0.0))[1] for n in settings.message_sizes], device)
             logger.debug("%s p=%d %s: bytes %s, seconds %s", kind, p, scope, sizes, times)
             alpha, beta, residual = fit_alpha_beta(sizes, times)
             fits.append(CollectiveFit(kind=kind, group_size=p, scope=scope, alpha=alpha, beta=beta, residual=residual))

@@ -16,8 +16,9 @@ repeats of the slowest rank's time (all-reduce MAX):
 - every collective of `autopar.cost.profile.PROFILED`, on every group size 2, 4, 8, ... and the
   world's (inside a node; and across nodes when there are several): disjoint groups run at once,
   timed as a step meets them (`in_step_seconds`: after a chunk of computation, not right after a
-  barrier), over message sizes 4 KiB .. 64 MiB (--quick: 4 KiB .. 2 MiB); α and β least-squares
-  fitted per (collective, group size, scope).
+  barrier), over message sizes 4 KiB .. 64 MiB (--quick: 4 KiB .. 2 MiB), every size of every
+  kind taking turns round by round; α and β least-squares fitted per (collective, group size,
+  scope).
 
 The cluster written is `presets.local()`'s with the measured figures (`cost.profile.calibrated`).
 Device memory is the GPU's; on CPU ranks it is the machine's RAM (os.sysconf) divided by the ranks
@@ -39,11 +40,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from autopar.cost.profile import PROFILED, MatmulRate, Profile, calibrated
+from autopar.cost.profile import MatmulRate, Profile, calibrated
 from autopar.errors import AutoparError
 from autopar.progress import Bar
 from autopar.runtime.launch import CPU_ONLY, add_device_argument, check_local_ranks
-from autopar.runtime.profile_collectives import group_sizes, measure_collectives
+from autopar.runtime.profile_collectives import group_sizes, measure_collectives, rounds
 from autopar.runtime.timing import max_over_ranks, median_seconds, sync
 from autopar.runtime.world import free_port
 
@@ -168,8 +169,7 @@ def profile_world(*, quick: bool = False, progress: bool = True) -> Profile:
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     settings = Settings.make(quick=quick, cuda=device.type == "cuda")
     dtypes = _dtypes(device)
-    collective_steps = sum(len(settings.message_sizes) * (len(PROFILED) - (p != 2))
-                           for p, _ in group_sizes(world, per_node)) if world > 1 else 0
+    collective_steps = len(group_sizes(world, per_node)) * rounds(settings) if world > 1 else 0
     total = len(dtypes) * len(settings.sides) + 2 + collective_steps
     shown = progress and (not dist.is_initialized() or dist.get_rank() == 0)
     with Bar(total, "profile", stream=None if shown else io.StringIO()) as bar:

@@ -171,26 +171,53 @@ def test_a_collective_is_timed_after_computation_and_the_computation_subtracted(
     with a 5 ms chunk, a stand-in collective taking 2 ms measures 2 ms, one taking nothing about
     nothing. On a clock that only the chunk and the collective advance, so that what else the
     machine does cannot move it."""
+    now, agreed = _fake_clock(monkeypatch)
+    taken, nothing = profile_collectives.in_step_seconds([_spend(now, 0.002), _spend(now, 0.0)], torch.device("cpu"),
+                                                         None, repeats=5, sample=0.05)
+    assert taken == pytest.approx(0.002)  # not the pair's 7 ms
+    assert nothing < 1e-6
+    assert agreed == [8, 10]  # the pairs per repeat: ceil(50 ms / 7 ms), ceil(50 ms / 5 ms), agreed over the group
+
+
+def test_collectives_take_turns_so_a_burst_slows_one_repeat_of_each(monkeypatch):
+    """Every call is timed once per round (a call with a third of the repeats every third round),
+    so a burst of load lasting a few repeats lands on one repeat of many calls, and each call's
+    median drops it. Timed one call after the other, the same burst would take most of one call's
+    repeats and move its time (here: 6 of a's 9)."""
+    now, _ = _fake_clock(monkeypatch)
+    order = []
+
+    def call(name, seconds):
+        def run():
+            order.append(name)
+            now[0] += seconds * (5 if 9 <= len(order) < 15 else 1)  # a burst: the 4th to 9th timed calls 5x slower
+        return run
+
+    rounds = profile_collectives.in_step_seconds([call("a", 0.001), call("b", 0.002), call("c", 0.004)],
+                                                 torch.device("cpu"), None, repeats=[9, 9, 3], sample=0.0)
+    assert rounds == pytest.approx([0.001, 0.002, 0.004])
+    timed = order[6:]  # after two warm-up calls each
+    assert timed[:3] == ["a", "b", "c"] and timed.count("a") == 9 and timed.count("c") == 3
+    assert [i for i, name in enumerate(timed) if name == "c"] == [2, 9, 16]  # rounds 1, 4 and 7 of 9
+
+
+def _fake_clock(monkeypatch):
+    """A clock only `_spend`'s calls and the 5 ms chunk advance; the group's barrier and agreement
+    stand in (the agreed counts are recorded)."""
     import types
 
-    now = [0.0]
-
-    def spend(seconds):
-        def call():
-            now[0] += seconds
-        return call
-
-    agreed = []
+    now, agreed = [0.0], []
     monkeypatch.setattr(profile_collectives, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
-    monkeypatch.setattr(profile_collectives, "_chunk", lambda device: spend(0.005))
+    monkeypatch.setattr(profile_collectives, "_chunk", lambda device: _spend(now, 0.005))
     monkeypatch.setattr(profile_collectives.dist, "barrier", lambda group=None: None)
     monkeypatch.setattr(profile_collectives.dist, "all_reduce", lambda t, op=None, group=None: agreed.append(int(t)))
-    cpu = torch.device("cpu")
-    taken = profile_collectives.in_step_seconds(spend(0.002), cpu, None, repeats=5, sample=0.05)
-    assert taken == pytest.approx(0.002)  # not the pair's 7 ms
-    assert agreed == [8]  # the pairs per repeat: ceil(50 ms / 7 ms), agreed over the group
-    nothing = profile_collectives.in_step_seconds(spend(0.0), cpu, None, repeats=5, sample=0.05)
-    assert nothing < 1e-6
+    return now, agreed
+
+
+def _spend(now, seconds):
+    def call():
+        now[0] += seconds
+    return call
 
 
 def test_profile_command_help(capsys):
