@@ -10,7 +10,8 @@ and loading fills each part the new plan holds from whatever parts were saved
 
     .metadata, __<rank>_0.distcp   the tensors (DCP; the metadata as JSON)
     plan.json                      the plan it was saved under
-    state.json                     step count, loss scaler, the optimizer's hyperparameters
+    state.json                     step count, loss scaler, the optimizer's hyperparameters, the
+                                   random generators' states (rank 0's; every rank's are set to them)
     manifest.json                  written last: each file and its size
 
 Saving is atomic: everything is written into a sibling `.<name>.partial`, the manifest last, then
@@ -38,6 +39,7 @@ from autopar.runtime.checkpoint_format import (FORMAT, CheckpointError, JsonMeta
                                                Piece, PieceLoadPlanner, PieceSavePlanner, box, read_metadata_file,
                                                write_file)
 from autopar.runtime.collectives import transform
+from autopar.runtime.dropout import generator_states, set_generator_states
 from autopar.runtime.optimizer_state import OPTIM, materialize, param_of, restore_hyperparameters, saved_states
 
 logger = logging.getLogger(__name__)
@@ -57,7 +59,8 @@ def save(model, path: str | os.PathLike) -> Path:
     except CheckpointException as e:
         raise CheckpointError(f"saving {path}: {_first_failure(e)} (the previous checkpoint, if any, is "
                               f"kept)") from None
-    on_rank_zero(lambda: _finish(model, path, partial), model)
+    random = generator_states()
+    on_rank_zero(lambda: _finish(model, path, partial, random), model)
     return path
 
 
@@ -92,6 +95,7 @@ def load(model, path: str | os.PathLike) -> int:
         model.scaler.load_state_dict(state["scaler"])
     if model.optimizer is not None:
         restore_hyperparameters(model.optimizer, state.get("param_groups", []))
+    set_generator_states(state.get("random") or {})
     return model.step_count
 
 
@@ -241,14 +245,15 @@ def _prepare(path: Path, partial: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _finish(model, path: Path, partial: Path) -> None:
+def _finish(model, path: Path, partial: Path, random: dict[str, str]) -> None:
     """Rank 0 after every rank wrote its data: the JSON files, the manifest last, then the renames."""
     write_file(partial / "plan.json", model.plan.to_json())
     scaler = getattr(model, "scaler", None)
     groups = [] if model.optimizer is None else [
         {k: v for k, v in g.items() if k != "params" and _number_like(v)} for g in model.optimizer.param_groups]
     write_file(partial / "state.json", json.dumps({"step": model.step_count, "param_groups": groups,
-                                                   "scaler": scaler.state_dict() if scaler else None}))
+                                                   "scaler": scaler.state_dict() if scaler else None,
+                                                   "random": random}))
     files = {f.name: f.stat().st_size for f in sorted(partial.iterdir())}
     write_file(partial / MANIFEST, json.dumps({"format": FORMAT, "step": model.step_count, "files": files}))
     _sync_directory(partial)

@@ -11,6 +11,7 @@ device would: the whole tensor, from the same generator state, each rank keeping
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import warnings
 from dataclasses import dataclass
@@ -151,11 +152,9 @@ def check_random(captured: CapturedGraph, *, pipelined: bool) -> None:
                       f"draws for its own part of the tensor, so the plan trains like one device in "
                       f"distribution, not bit for bit (dropout modules, `aten.dropout`, draw the one-device "
                       f"mask{'s on CPU ranks' if pipelined else ''})", stacklevel=3)
-    state = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state = torch.cat([state, torch.cuda.get_rng_state()])
     found = [None] * dist.get_world_size()
-    dist.all_gather_object(found, hashlib.sha256(state.numpy().tobytes()).hexdigest())
+    state = "".join(generator_states().values())
+    dist.all_gather_object(found, hashlib.sha256(state.encode()).hexdigest())
     apart = [rank for rank, d in enumerate(found) if d != found[0]]
     if apart:
         raise AutoparError(f"random ops in the step ({', '.join(drawn)}): found the default random generator in "
@@ -176,3 +175,24 @@ def step_masks(captured: CapturedGraph, micro: CapturedGraph, m: int) -> Masks |
             drawn.append(Drawn(name=node.name, shape=tuple(like.shape), order=memory_order(like), p=float(node.args[1]),
                                dtype=like.dtype, batch_dim=cut[0] if cut else None))
     return Masks(drawn, m) if drawn else None
+
+
+def generator_states() -> dict[str, str]:
+    """The default generators' states, base64: "cpu", and "cuda" (this rank's device) once CUDA is
+    in use. A checkpoint keeps them (every rank's agree whenever the step draws, `check_random`),
+    so that a run resumed from it draws the masks the uninterrupted run would have."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return {name: base64.b64encode(s.numpy().tobytes()).decode("ascii") for name, s in states.items()}
+
+
+def set_generator_states(states: dict[str, str]) -> None:
+    """Put `generator_states()`'s back, on this rank; a "cuda" state only where CUDA is in use."""
+    def tensor(name: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(states[name])), dtype=torch.uint8)
+
+    if "cpu" in states:
+        torch.set_rng_state(tensor("cpu"))
+    if "cuda" in states and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(tensor("cuda"))

@@ -221,3 +221,29 @@ def test_numbered_checkpoints_keep_the_latest(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(CheckpointError, match="found a directory that is not a checkpoint"):
         compiled.save(tmp_path / "other")
+
+
+def test_a_resumed_run_draws_the_dropout_masks_the_uninterrupted_run_draws(tmp_path):
+    """The checkpoint keeps the random generator's state and loading sets it back, so a run resumed
+    in a fresh process (its generator elsewhere) drops the units the uninterrupted run drops: the
+    same losses to the bit. Without it, the first step after resuming already differs."""
+    import autopar
+    from autopar import models
+
+    entry = models.get("gpt-tiny")
+    batches = [entry.example_batch(8, seed=step, dropout=0.1) for step in range(4)]
+
+    def compiled():
+        inputs, target = batches[0]
+        return autopar.compile(entry.build(seed=0, dropout=0.1), example_inputs=inputs, loss_fn=entry.loss_fn,
+                               target=target, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+
+    torch.manual_seed(0)
+    whole = compiled()
+    losses = [whole.step(*inputs, target=target).item() for inputs, target in batches[:2]]
+    whole.save(tmp_path / "ck")
+    losses += [whole.step(*inputs, target=target).item() for inputs, target in batches[2:]]
+    torch.manual_seed(1)  # a fresh process: its generator anywhere
+    resumed = compiled()
+    assert resumed.load(tmp_path / "ck") == 2
+    assert [resumed.step(*inputs, target=target).item() for inputs, target in batches[2:]] == losses[2:]
