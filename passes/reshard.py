@@ -15,6 +15,9 @@ steps, which the runtime executes (`runtime.collectives.transform`) and the cost
 | S(d) → P       | pad              | none (this rank's chunk in zeros; times the group size for P(avg)) |  |
 | P ↔ P(avg)     | scale            | none (times or over the group size) |                        |
 
+A collective's time is its α-β price (`cost.comm`) plus the copies the runtime makes around it
+(`staging_bytes`) at the device's memory bandwidth.
+
 A dim cut on several axes is cut outer axis first (DTensor's order). So gathers run innermost axis
 first, cuts outermost first; an axis inside one that is gathered or cut anew is gathered too and
 cut again; a reduce-scatter an outer cut must precede is an all-reduce and a cut. All-to-all is
@@ -152,7 +155,9 @@ class Resharder:
             if step.kind in COMMUNICATING:
                 n = local * size if step.kind == "all_gather" else local
                 group = self._groups[step.axis]
-                result.append(Collective(step.kind, step.axis, len(group), n, self.comm.time(step.kind, n, group)))
+                staging = self.comm.copy_time(staging_bytes(step, local, size)) if size > 1 else 0.0
+                result.append(Collective(step.kind, step.axis, len(group), n,
+                                         self.comm.time(step.kind, n, group) + staging))
             current[step.axis] = _after(step, current[step.axis])
         self._cache[key] = tuple(result)
         return self._cache[key]
@@ -165,6 +170,25 @@ class Resharder:
         if found is None:
             found = self._times[key] = sum(c.time for c in self.collectives(src, dst, nbytes))
         return found
+
+
+def staging_bytes(step: Step, local: float, size: int) -> float:
+    """Bytes read and written by the copies `runtime.collectives` makes around one collective of a
+    `local`-byte tensor on a group of `size`: an all-reduce clones its input (the caller's tensor
+    stays intact), 2·local, and an average divides it, 2·local more; an all-gather or a
+    reduce-scatter on a dim other than 0 moves it to the front, 2·local, and a reduce-scatter's
+    average divides its output, 2·local / size; an all-to-all stacks the pieces it sends and joins
+    the ones it receives, 4·local. In GPT's tensor-parallel step on 2 CPU ranks (BENCHMARKS.md, cost-
+    model accuracy) these are 18 clones of 512 kB and two all-to-alls of 2.1 MB: 36 MB, 3 ms of a
+    130 ms step at the profiled 11.6 GB/s, which the profile's α-β (timed on ready buffers) leaves out."""
+    if step.kind == "all_reduce":
+        return 2 * local * (2 if step.op == "avg" else 1)
+    if step.kind in ("all_gather", "reduce_scatter"):
+        moved = 2 * local if step.dim != 0 else 0.0
+        return moved + (2 * local / size if step.kind == "reduce_scatter" and step.op == "avg" else 0.0)
+    if step.kind == "all_to_all":
+        return 4 * local
+    return 0.0
 
 
 def _after(step: Step, before):

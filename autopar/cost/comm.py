@@ -140,6 +140,14 @@ class CommModel:
         device = cluster.device
         self.gamma = 3.0 / (device.memory_bandwidth * device.bandwidth_efficiency)
 
+    def copy_time(self, nbytes: float) -> float:
+        """Seconds of a local copy reading and writing `nbytes` in all: the bytes at the device's
+        memory bandwidth (γ / 3 a byte), plus the profile's kernel overhead (none without one)."""
+        if nbytes <= 0:
+            return 0.0
+        overhead = self.profile.kernel_overhead if self.profile is not None else 0.0
+        return overhead + nbytes * self.gamma / 3.0
+
     def group_shape(self, devices: Sequence[int]) -> tuple[int, int]:
         """(nodes spanned k, devices per node g) of a group; g is the largest count on one node."""
         per_node: dict[int, int] = {}

@@ -39,3 +39,68 @@ def test_the_plan_lists_the_reshards_a_step_runs(model, strategy, pools):
     assert got["planned"].get("all_reduce", 0) > 0
     for kind, count in got["planned"].items():
         assert got["blocking"].get(kind, 0) == count, (kind, got)
+
+
+@pytest.mark.parametrize("src, dst", [((P,), (R,)), ((Partial("avg"),), (R,)), ((S(0),), (R,)), ((S(1),), (R,)),
+                                      ((P,), (S(0),)), ((P,), (S(1),)), ((Partial("avg"),), (S(1),)),
+                                      ((S(0),), (S(1),))])
+def test_the_copies_a_reshard_makes_are_the_ones_priced(monkeypatch, src, dst):
+    """`runtime.collectives.transform` run on rank 0 of 2 with the collectives standing in: the
+    bytes its local ops read and write are `passes.reshard.staging_bytes` of its steps, what the
+    cost model adds to each collective's time."""
+    import torch
+    import torch.distributed as dist
+    from torch.utils import _pytree as pytree
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from autopar.passes.reshard import staging_bytes
+    from autopar.runtime.collectives import transform
+    from autopar.runtime.world import World
+    from autopar.vocab import LogicalMesh, shard_count
+
+    for name in ("all_reduce", "all_gather_single", "reduce_scatter_single", "all_to_all_single"):
+        monkeypatch.setattr(dist, name, lambda *args, **kwargs: None)
+    mesh = LogicalMesh(shape=(2,), devices=(0, 1))
+    world = World(rank=0, size=2, device=torch.device("cpu"), mesh=mesh, coordinate=(0,), groups=[None])
+    whole = (8, 16, 32)
+    local = torch.randn([n // shard_count(src, mesh.shape, d) for d, n in enumerate(whole)])
+
+    allocating = {torch.ops.aten.new_empty, torch.ops.aten.empty_like, torch.ops.aten.empty}
+
+    class Traffic(TorchDispatchMode):
+        """Bytes read and written by ops that write new memory (not views, not bare allocations)."""
+        moved = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            read = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)}
+            for t in pytree.tree_leaves(out):
+                if (isinstance(t, torch.Tensor) and func.overloadpacket not in allocating
+                        and t.untyped_storage().data_ptr() not in read):
+                    Traffic.moved += 2 * t.nbytes  # written, and as many read
+            return out
+
+    with Traffic():
+        transform(local, src, dst, world)
+    (step,) = steps(src, dst)
+    assert Traffic.moved == staging_bytes(step, local.nbytes, 2)
+
+
+def test_a_collective_costs_its_copies_too():
+    """An all-reduce's clone and an all-to-all's stack and join are in the reshard's time; an
+    all-gather on dim 0 copies nothing."""
+    from autopar.cluster import Cluster
+    from autopar.cost.comm import CommModel
+    from autopar.passes.reshard import Resharder
+    from autopar.vocab import LogicalMesh
+
+    comm = CommModel(Cluster.preset("cpu", gpus_per_node=2))
+    resharder = Resharder(LogicalMesh(shape=(2,), devices=(0, 1)), comm)
+    n = 2 ** 20
+    assert resharder.time((P,), (R,), n) == pytest.approx(comm.time("all_reduce", n, [0, 1]) + comm.copy_time(2 * n))
+    assert resharder.time((S(0),), (S(1),), n) == pytest.approx(
+        comm.time("all_to_all", n / 2, [0, 1]) + comm.copy_time(4 * n / 2))
+    assert resharder.time((S(0),), (R,), n) == pytest.approx(comm.time("all_gather", n, [0, 1]))  # dim 0: no copy
+    # At the device's effective memory bandwidth: reading and writing 2n bytes (no profile: no kernel overhead).
+    device = comm.cluster.device
+    assert comm.copy_time(2 * n) == pytest.approx(2 * n / (device.memory_bandwidth * device.bandwidth_efficiency))
