@@ -182,15 +182,15 @@ def test_a_collective_is_timed_after_computation_and_the_computation_subtracted(
 def test_collectives_take_turns_so_a_burst_slows_one_repeat_of_each(monkeypatch):
     """Every call is timed once per round (a call with a third of the repeats every third round),
     so a burst of load lasting a few repeats lands on one repeat of many calls, and each call's
-    median drops it. Timed one call after the other, the same burst would take most of one call's
-    repeats and move its time (here: 6 of a's 9)."""
+    trimmed mean drops it. Timed one call after the other, the same burst would take two of a's
+    repeats, and the trimming drops one."""
     now, _ = _fake_clock(monkeypatch)
     order = []
 
     def call(name, seconds):
         def run():
             order.append(name)
-            now[0] += seconds * (5 if 9 <= len(order) < 15 else 1)  # a burst: the 4th to 9th timed calls 5x slower
+            now[0] += seconds * (5 if 14 <= len(order) < 17 else 1)  # a burst: the 8th to 10th timed calls 5x slower
         return run
 
     rounds = profile_collectives.in_step_seconds([call("a", 0.001), call("b", 0.002), call("c", 0.004)],
@@ -199,6 +199,14 @@ def test_collectives_take_turns_so_a_burst_slows_one_repeat_of_each(monkeypatch)
     timed = order[6:]  # after two warm-up calls each
     assert timed[:3] == ["a", "b", "c"] and timed.count("a") == 9 and timed.count("c") == 3
     assert [i for i, name in enumerate(timed) if name == "c"] == [2, 9, 16]  # rounds 1, 4 and 7 of 9
+
+
+def test_a_collective_is_timed_by_its_trimmed_mean():
+    """A step pays the mean of its collectives, tail included; only the outer tenth is dropped."""
+    slow_tail = [1.0] * 12 + [3.0, 3.0, 9.0]
+    assert profile_collectives.trimmed_mean(slow_tail) == pytest.approx((10 * 1.0 + 3.0) / 11)  # 2 dropped each side
+    assert profile_collectives.trimmed_mean([1.0, 2.0, 30.0]) == 2.0
+    assert profile_collectives.trimmed_mean([1.0, 3.0]) == 2.0
 
 
 def _fake_clock(monkeypatch):
