@@ -17,8 +17,8 @@ repeats of the slowest rank's time (all-reduce MAX):
   world's (inside a node; and across nodes when there are several): disjoint groups run at once,
   timed as a step meets them (`in_step_seconds`: after a chunk of computation, not right after a
   barrier), over message sizes 4 KiB .. 64 MiB (--quick: 4 KiB .. 2 MiB), every size of every
-  kind taking turns round by round; α and β least-squares fitted per (collective, group size,
-  scope).
+  kind taking turns round by round, each the trimmed mean of its repeats (a step pays the mean);
+  α and β least-squares fitted per (collective, group size, scope).
 
 The cluster written is `presets.local()`'s with the measured figures (`cost.profile.calibrated`).
 Device memory is the GPU's; on CPU ranks it is the machine's RAM (os.sysconf) divided by the ranks
