@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -14,7 +13,7 @@ import torch.distributed as dist
 
 from autopar.cost.profile import PROFILED, CollectiveFit, fit_alpha_beta
 from autopar.progress import Bar
-from autopar.runtime.timing import max_over_ranks, sync
+from autopar.runtime.timing import max_over_ranks, seconds_per_call
 
 if TYPE_CHECKING:
     from autopar.runtime.profiler import Settings
@@ -108,8 +107,9 @@ def in_step_seconds(calls, device: torch.device, group, *, repeats, sample: floa
 
     The calls take turns: each round times one repeat of every call (`repeats[i]` of call i spread
     evenly over max(repeats) rounds), so that a burst of another program's load on a shared machine
-    slows one repeat of many calls, which the trimming drops, instead of every repeat of a few: timed
-    one call after the other, three back-to-back fits on 2 ranks read α up to 1.66× apart.
+    slows one repeat of many calls, which the trimming drops, instead of every repeat of a few: three
+    back-to-back fits on 2 ranks read α up to 2.45× apart timed one call after the other, 1.25× in
+    turns (BENCHMARKS.md, cost-model accuracy).
     `progress` is called after each round. On a GPU (no chunk) each repeat is the collective alone
     after a barrier, timed with CUDA events."""
     counts = [repeats] * len(calls) if isinstance(repeats, int) else list(repeats)
@@ -139,23 +139,15 @@ def trimmed_mean(values: list[float], share: float = 0.1) -> float:
 
 def _repeat(chunk, call, inner: int, barrier, device: torch.device) -> float:
     """Seconds per (chunk, call) pair over `inner` pairs in a row, after a barrier; the chunk alone
-    when `call` is None, the call alone when `chunk` is None (CUDA events on a GPU)."""
-    barrier()
-    sync(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-    begin = time.perf_counter()
-    for _ in range(inner):
+    when `call` is None, the call alone when `chunk` is None (`timing.seconds_per_call`)."""
+    def pair() -> None:
         if chunk is not None:
             chunk()
         if call is not None:
             call()
-    if device.type == "cuda":
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / inner
-    return (time.perf_counter() - begin) / inner
+
+    barrier()
+    return seconds_per_call(pair, device, inner)
 
 
 def _pairs_per_repeat(call, chunk, barrier, group, sample: float, device: torch.device) -> int:

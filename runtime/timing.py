@@ -33,20 +33,7 @@ def median_seconds(fn, device: torch.device, *, repeats: int, inner: int = 1, wa
     for _ in range(repeats):
         if before is not None:
             before()
-        sync(device)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3 / inner)
-        else:
-            begin = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times.append((time.perf_counter() - begin) / inner)
+        times.append(seconds_per_call(fn, device, inner))
     return statistics.median(times)
 
 
@@ -57,3 +44,21 @@ def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
+
+
+def seconds_per_call(fn, device: torch.device, calls: int) -> float:
+    """Seconds per call of `fn` over `calls` calls in a row, after a synchronize (CUDA events on a
+    GPU, the wall clock on a CPU)."""
+    sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / calls
+    begin = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - begin) / calls

@@ -215,7 +215,9 @@ def _fake_clock(monkeypatch):
     import types
 
     now, agreed = [0.0], []
-    monkeypatch.setattr(profile_collectives, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    from autopar.runtime import timing
+
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     monkeypatch.setattr(profile_collectives, "_chunk", lambda device: _spend(now, 0.005))
     monkeypatch.setattr(profile_collectives.dist, "barrier", lambda group=None: None)
     monkeypatch.setattr(profile_collectives.dist, "all_reduce", lambda t, op=None, group=None: agreed.append(int(t)))
