@@ -39,7 +39,7 @@ from autopar.runtime.checkpoint_format import (FORMAT, CheckpointError, JsonMeta
                                                Piece, PieceLoadPlanner, PieceSavePlanner, box, read_metadata_file,
                                                write_file)
 from autopar.runtime.collectives import transform
-from autopar.runtime.dropout import generator_states, set_generator_states
+from autopar.runtime.dropout import decode_generator_states, generator_states, set_generator_states
 from autopar.runtime.optimizer_state import OPTIM, materialize, param_of, restore_hyperparameters, saved_states
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ def load(model, path: str | os.PathLike) -> int:
         directory = complete(Path(path))
         metadata = read_metadata_file(directory)
         state = json.loads((directory / "state.json").read_text())
+        random = _random_states(directory, state)
         if model.optimizer is not None:
             materialize(model.optimizer, _leaves(model), saved_states(metadata.state_dict_metadata))
         pieces = model_pieces(model, saving=False) + optimizer_pieces(model)
@@ -95,8 +96,16 @@ def load(model, path: str | os.PathLike) -> int:
         model.scaler.load_state_dict(state["scaler"])
     if model.optimizer is not None:
         restore_hyperparameters(model.optimizer, state.get("param_groups", []))
-    set_generator_states(state.get("random") or {})
+    set_generator_states(random)
     return model.step_count
+
+
+def _random_states(directory: Path, state: dict) -> dict[str, torch.Tensor]:
+    """state.json's generator states, decoded (none in checkpoints written before they were kept)."""
+    try:
+        return decode_generator_states(state.get("random") or {})
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {directory}: state.json: {e}") from None
 
 
 def complete(path: Path) -> Path:

@@ -187,12 +187,31 @@ def generator_states() -> dict[str, str]:
     return {name: base64.b64encode(s.numpy().tobytes()).decode("ascii") for name, s in states.items()}
 
 
-def set_generator_states(states: dict[str, str]) -> None:
-    """Put `generator_states()`'s back, on this rank; a "cuda" state only where CUDA is in use."""
-    def tensor(name: str) -> torch.Tensor:
-        return torch.frombuffer(bytearray(base64.b64decode(states[name])), dtype=torch.uint8)
+def decode_generator_states(states) -> dict[str, torch.Tensor]:
+    """`generator_states()`'s, checked and decoded: a dict of "cpu" and "cuda" to base64 of as many
+    bytes as this machine's generator state holds. ValueError naming what was found otherwise."""
+    if not isinstance(states, dict) or not set(states) <= {"cpu", "cuda"}:
+        raise ValueError(f"random generator states: found {states!r:.80}, required an object of "
+                         f"'cpu' (and 'cuda') to base64 strings")
+    current = {"cpu": torch.get_rng_state}
+    if torch.cuda.is_available():
+        current["cuda"] = torch.cuda.get_rng_state
+    decoded = {}
+    for name, text in states.items():
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (TypeError, ValueError):
+            raise ValueError(f"random generator state {name!r}: found {text!r:.40}, required base64") from None
+        if name in current and len(raw) != current[name]().numel():
+            raise ValueError(f"random generator state {name!r}: found {len(raw)} bytes, required "
+                             f"{current[name]().numel()} (this torch's generator)")
+        decoded[name] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    return decoded
 
+
+def set_generator_states(states: dict[str, torch.Tensor]) -> None:
+    """Put `decode_generator_states`'s back, on this rank; a "cuda" state only where CUDA is in use."""
     if "cpu" in states:
-        torch.set_rng_state(tensor("cpu"))
+        torch.set_rng_state(states["cpu"])
     if "cuda" in states and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.set_rng_state(tensor("cuda"))
+        torch.cuda.set_rng_state(states["cuda"])

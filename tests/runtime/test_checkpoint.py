@@ -162,6 +162,19 @@ def test_a_pickled_metadata_is_refused_without_running_it(saved_mlp, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("random, message", [
+    ({"cpu": "not base64!"}, r"random generator state 'cpu': found 'not base64!', required base64"),
+    ({"cpu": "AAAA"}, r"random generator state 'cpu': found 3 bytes, required \d+ \(this torch's generator\)"),
+    ([1, 2], r"random generator states: found \[1, 2\], required an object of 'cpu'"),
+])
+def test_a_malformed_random_state_is_refused(saved_mlp, tmp_path, random, message):
+    path = copy_of(saved_mlp, tmp_path)
+    state = json.loads((path / "state.json").read_text())
+    forged(path, "state.json", json.dumps({**state, "random": random}).encode())
+    with pytest.raises(CheckpointError, match=r"state\.json: " + message):
+        run_case({"model": "mlp-tiny", "load": str(path)})
+
+
 def test_tensor_data_is_read_with_weights_only(saved_mlp, tmp_path):
     path, marker = copy_of(saved_mlp, tmp_path), tmp_path / "ran"
     data = bytearray((path / "__0_0.distcp").read_bytes())
