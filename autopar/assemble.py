@@ -14,7 +14,7 @@ import hashlib
 from autopar.graph import CapturedGraph
 from autopar.plan import CollectiveRecord, Cost, NodePlan, ParamPlan, Stage
 from autopar.vocab import R, shard_count
-from autopar.passes.ilp import ShardingSolution
+from autopar.passes.ilp import ShardingSolution, bucket_latency
 from autopar.passes.rules import tensor_args
 from autopar.passes.sharding import ShardingProblem
 from autopar.passes.strategies import NodeSharding, grads_of, normalized, param_options, split_axes
@@ -80,6 +80,7 @@ def stage(problem: ShardingProblem, solution: ShardingSolution, *, index: int = 
             totals[key] += getattr(strategy, key)
     edge_time = sum(e.count * e.cost[e.rows[solution.choice[e.src]]][e.cols[solution.choice[e.dst]]]
                     for e in problem.edges)
+    edge_time += bucket_latency(problem, solution.choice)  # the runtime's gradient buckets start
     records = _collectives(problem, solution, nodes, params)
     devices = problem.mesh.size
     dtype = "fp32" if problem.options.precision == "fp32" else problem.options.precision

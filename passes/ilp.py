@@ -10,6 +10,11 @@ units sharing u's variables:
                Σ_i y[e, i, j] = Σ_{s in column class j} x[dst, s]          product, linearized)
                fixed + Σ c(u)·memory(u, s)·x[u, s] ≤ budget                 (per-device memory)
 
+plus α_a·b[a] for each mesh axis a whose gradients some strategy sends through the runtime's
+buckets (`Strategy.buckets`), b[a] ∈ {0, 1} with Σ_{s bucketing on a} x[u, s] ≤ (units)·b[a]: a step
+starts at least one bucket all-reduce on that axis, however many parameters share it; each
+parameter's price carries its bytes' share of the further buckets (`bucket_latency`).
+
 with y ≥ 0 continuous: for binary x the two transport constraints force y to the product.
 Edges whose table is a sum of a row and a column term need no y; strategies another one of the
 same unit dominates (the same placements on every edge, no more time and no more memory) are
@@ -66,11 +71,23 @@ class ShardingSolution:
 def evaluate(problem: ShardingProblem, choice: dict[int, int]) -> tuple[float, float]:
     """(step time, memory per device) of an assignment, from the problem's tables."""
     t = sum(problem.counts[u] * problem.strategies[u][s].time for u, s in choice.items())
+    t += bucket_latency(problem, choice)
     memory = problem.fixed_memory + sum(problem.counts[u] * _memory(problem, problem.strategies[u][s])
                                         for u, s in choice.items())
     for e in problem.edges:
         t += e.count * e.cost[e.rows[choice[e.src]]][e.cols[choice[e.dst]]]
     return t, memory
+
+
+def bucket_latency(problem: ShardingProblem, choice: dict[int, int]) -> float:
+    """Seconds of the first gradient bucket's latency, α of an all-reduce, on each mesh axis some
+    chosen strategy synchronizes in buckets (`runtime.sync`; the rest of the buckets are priced
+    with the parameters, α · bytes / `BUCKET_BYTES` each). A step pays it whatever the model's size:
+    on 4 gloo ranks of a 2-core machine α is about 7 ms, a tenth of a small model's step."""
+    axes: dict[int, float] = {}
+    for u, s in choice.items():
+        axes.update(problem.strategies[u][s].buckets)
+    return sum(axes.values())
 
 
 def minimum_memory(problem: ShardingProblem, allowed: Callable[[int, Strategy], bool] | None = None) -> float:
@@ -120,7 +137,7 @@ def _candidates(problem: ShardingProblem, allowed) -> dict[int, list[int]]:
 
 def _dominates(problem: ShardingProblem, b: Strategy, a: Strategy, jb: int, ia: int) -> bool:
     mb, ma = _memory(problem, b), _memory(problem, a)
-    better_or_equal = b.time <= a.time and mb <= ma
+    better_or_equal = b.time <= a.time and mb <= ma and b.buckets.keys() <= a.buckets.keys()
     strictly = b.time < a.time or mb < ma or (_complexity(b), jb) < (_complexity(a), ia)
     return better_or_equal and strictly
 
@@ -159,12 +176,15 @@ def solve(problem: ShardingProblem, *, time_limit: float = 60.0, warm_start: dic
     for e in problem.edges:
         _add_edge(model, e, x)
     model.row(memory, -math.inf, (problem.budget - problem.fixed_memory) * _GB)
+    buckets = _add_buckets(problem, model, x)
     warm = None
     if warm_start:
         warm = [0.0] * len(model.cost)
         for u, choices in x.items():
             if warm_start.get(u) in choices:
                 warm[choices[warm_start[u]]] = 1.0
+                for axis in problem.strategies[u][warm_start[u]].buckets:
+                    warm[buckets[axis]] = 1.0
 
     values, status, gap, solver = _run(model, time_limit, warm)
     picked = {u: [s for s, var in choices.items() if values is not None and values[var] > 0.5]
@@ -200,6 +220,24 @@ class _Model:
 
     def row(self, terms: list[tuple[int, float]], lo: float, hi: float) -> None:
         self.rows.append((terms, lo, hi))
+
+
+def _add_buckets(problem: ShardingProblem, model: _Model, x) -> dict[int, int]:
+    """One binary column per mesh axis some candidate synchronizes in buckets, costing its α, set
+    whenever a strategy bucketing on it is chosen (see the module docstring); axis → column."""
+    users: dict[int, list[int]] = {}
+    latency: dict[int, float] = {}
+    for u, choices in x.items():
+        for s, var in choices.items():
+            for axis, alpha in problem.strategies[u][s].buckets.items():
+                users.setdefault(axis, []).append(var)
+                latency[axis] = alpha
+    columns = {}
+    for axis, variables in users.items():
+        columns[axis] = b = model.column(integer=True)
+        model.cost[b] += latency[axis] * _US
+        model.row([(var, 1.0) for var in variables] + [(b, -float(len(x)))], -math.inf, 0.0)
+    return columns
 
 
 def _add_edge(model: _Model, e, x) -> None:

@@ -31,6 +31,7 @@ from autopar.passes.strategies import (LEVELS, NodeSharding, ParamSharding, Stra
                                saved_memory, split_axes)
 from autopar.passes.rules import tensor_args
 from autopar.passes.units import Roles, Unit, build_units, roles
+from autopar.runtime.sync import BUCKET_BYTES
 
 # batch_mean_loss runs no collective: the step computes the whole batch's target count from the
 # whole target every rank holds (runtime.lower), so it is an input, not an all-reduce.
@@ -342,7 +343,8 @@ def _price_param(ctx: Context, strategy: Strategy, name: str, arg, held: ParamSh
         for c in ctx.resharder.collectives(src, dst, nbytes):
             latency = ctx.resharder.comm.time(c.kind, 0.0, ctx.mesh.group(c.axis))
             if held.level == 0:  # bucketed with the others (runtime.sync): the latency is paid per bucket
-                c = dataclasses.replace(c, time=c.time - latency)
+                c = dataclasses.replace(c, time=c.time - latency + latency * nbytes / BUCKET_BYTES)
+                strategy.buckets[c.axis] = latency
             else:  # one flat collective per layer (runtime.groups): each member pays its share of the latency
                 mates = ctx.layer_mates.get(arg.name, 1)
                 c = dataclasses.replace(c, time=c.time - latency * (1 - 1 / mates))

@@ -76,6 +76,10 @@ class Strategy:
     gathers: float = 0.0
     """The part of `comm` that runs once per pass over the parameters: FSDP's all-gathers before
     forward and backward (once per microbatch in a pipeline)."""
+    buckets: dict[int, float] = field(default_factory=dict)
+    """Mesh axis → α of an all-reduce on it, for the axes whose gradients this unit's parameters
+    send through the runtime's buckets (storage level 0, `runtime.sync`): a step pays that latency
+    once per bucket, however many parameters share it (`passes.ilp.bucket_latency`)."""
     collectives: list[tuple[str, str, Collective]] = field(default_factory=list)
     """(node, "forward" | "backward" | "step", collective) run inside the unit other than
     placement changes of tensors (those are read off the plan): an op's own all-reduces and its

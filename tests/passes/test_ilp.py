@@ -99,7 +99,9 @@ def random_problem(rng, units=5, strategies=4, budget_fraction=0.6):
     from autopar.passes.sharding import EdgeTable, ShardingProblem
     from autopar.passes.strategies import Strategy
 
-    table = {u: [Strategy(members=(), params={}, compute=rng.uniform(0, 1e-3), activations=rng.uniform(0, 1e9))
+    alpha = {0: rng.uniform(0, 1e-3), 1: rng.uniform(0, 1e-3)}  # each axis's bucket latency
+    table = {u: [Strategy(members=(), params={}, compute=rng.uniform(0, 1e-3), activations=rng.uniform(0, 1e9),
+                          buckets={a: alpha[a] for a in alpha if rng.random() < 0.3})
                  for _ in range(strategies)] for u in range(units)}
     edges = []
     for src in range(units):
@@ -125,6 +127,32 @@ def test_random_problems_match_brute_force(seed):
     import random
 
     problem = random_problem(random.Random(seed))
+    solution = solve(problem)
+    assert solution.step_time == pytest.approx(brute_force(problem), rel=1e-9)
+    assert solution.objective == pytest.approx(solution.step_time, rel=1e-6)
+
+
+def test_gradient_buckets_pay_their_latency_once():
+    """A data-parallel plan's parameters share the runtime's gradient bucket (`runtime.sync`): the
+    step pays one all-reduce latency for it, not one per parameter, and not none."""
+    import dataclasses
+
+    from autopar.cluster import Link
+    from autopar.cost.comm import CommModel
+    from autopar.passes.baselines import predicate
+    from autopar.passes.ilp import bucket_latency
+
+    base = Cluster.preset("cpu", gpus_per_node=2)
+    cluster = dataclasses.replace(base, intra_node=Link(bandwidth=base.intra_node.bandwidth, latency=3e-3))
+    problem = problem_for(TwoLayers(), torch.randn(64, 8), torch.randn(64, 8), (2,), cluster)
+    dp = solve(problem, allowed=predicate("dp", problem)).choice
+    alpha = CommModel(cluster).time("all_reduce", 0.0, LogicalMesh.build(cluster, (2,)).group(0))
+    bucketed = [u for u, i in dp.items() if problem.strategies[u][i].buckets]
+    assert len(bucketed) == 2  # both linears' weights
+    assert bucket_latency(problem, dp) == pytest.approx(alpha)
+    units = sum(problem.counts[u] * problem.strategies[u][i].time for u, i in dp.items())
+    edges = sum(e.count * e.cost[e.rows[dp[e.src]]][e.cols[dp[e.dst]]] for e in problem.edges)
+    assert evaluate(problem, dp)[0] == pytest.approx(units + edges + alpha)
     solution = solve(problem)
     assert solution.step_time == pytest.approx(brute_force(problem), rel=1e-9)
     assert solution.objective == pytest.approx(solution.step_time, rel=1e-6)
