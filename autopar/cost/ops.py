@@ -116,6 +116,8 @@ def _measure(captured: CapturedGraph, profile, optimizer: str, budget: float) ->
 
     start = time.perf_counter()
     ignored = roles(captured).ignored
+    differentiable = {n for n, info in captured.nodes.items() if info.requires_grad}
+    differentiable |= {p.placeholder for p in captured.params.values() if p.requires_grad}
     device = torch.device("cuda" if profile.backend == "nccl" else "cpu")
     before = _scales(profile, device)
     grad_call = _grad_call(device)
@@ -127,9 +129,10 @@ def _measure(captured: CapturedGraph, profile, optimizer: str, budget: float) ->
             continue
         if time.perf_counter() - start > budget or not _small(info, profile):
             continue
-        key = _key(node)
+        wanted = frozenset(a.name for a in node.all_input_nodes if a.name in differentiable)
+        key = (_key(node), tuple(a.name in wanted for a in _nodes_of(node)))
         if key not in times:
-            times[key] = _time_node(node, info.requires_grad, device, grad_call)
+            times[key] = _time_node(node, info.requires_grad, device, grad_call, wanted)
         if times[key] is not None:
             out[node.name] = times[key]
     after = _scales(profile, device)
@@ -151,6 +154,11 @@ def _small(info, profile) -> bool:
     held = info.bytes_moved + sum(o.nbytes for o in info.outputs)
     rate = profile.large_matmul_rate("fp32") or 1e9
     return held <= _LARGEST and (info.flops + info.backward_flops) / rate <= _LONGEST
+
+
+def _nodes_of(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The node's tensor arguments in the order of its (args, kwargs) leaves."""
+    return [a for a in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(a, torch.fx.Node)]
 
 
 def _key(node: torch.fx.Node) -> tuple:
@@ -179,9 +187,12 @@ def _real(value, device: torch.device):
 
 
 def _time_node(node: torch.fx.Node, requires_grad: bool, device: torch.device,
-               grad_call: float = 0.0) -> tuple[float, float] | None:
+               grad_call: float = 0.0, wanted: frozenset[str] | None = None) -> tuple[float, float] | None:
     """(forward, backward) seconds of the node's op on random inputs; None when it fails on them.
     `grad_call`: the fixed cost of one `torch.autograd.grad` call (`_grad_call`), not the node's.
+    `wanted`: the inputs whose gradient the step's backward computes (None: every floating one).
+    The others are constants to backward: the first linear's batch, a rotary embedding's cos and
+    sin; a linear's backward without its input's gradient is one matmul, not two.
 
     Calls take turns over several copies of the inputs, `_ROTATE` bytes in all: in a step an op
     reads what other ops wrote a while before, from the shared cache or memory, not what it read a
@@ -199,7 +210,10 @@ def _time_node(node: torch.fx.Node, requires_grad: bool, device: torch.device,
 
     try:
         forward = _fastest(run, device)
-        floating = [[t for t in pytree.tree_leaves(c) if isinstance(t, torch.Tensor) and t.dtype.is_floating_point]
+        sources = pytree.tree_leaves((node.args, node.kwargs))
+        floating = [[t for t, a in zip(pytree.tree_leaves(c), sources)
+                     if isinstance(t, torch.Tensor) and t.dtype.is_floating_point
+                     and (wanted is None or (isinstance(a, torch.fx.Node) and a.name in wanted))]
                     for c in copies]
         if not requires_grad or not floating[0]:
             return forward, 0.0

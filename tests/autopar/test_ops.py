@@ -39,7 +39,7 @@ def test_times_are_scaled_to_the_profiled_device(monkeypatch):
     per distinct op and shapes."""
     calls = []
     monkeypatch.setattr(ops, "_scales", lambda profile, device: (2.0, 3.0))
-    monkeypatch.setattr(ops, "_time_node", lambda node, grad, device, grad_call: calls.append(node.name) or (1e-3, 2e-3))
+    monkeypatch.setattr(ops, "_time_node", lambda node, grad, device, grad_call, wanted: calls.append(node.name) or (1e-3, 2e-3))
     monkeypatch.setattr(ops, "_time_update", lambda optimizer, device, sizes: 1e-9 * sum(sizes) + 1e-5 * len(sizes))
     captured = mlp_graph()
     times = ops._measure(captured, make_profile(), "adamw", budget=60.0)
@@ -66,6 +66,34 @@ def test_the_fixed_cost_of_a_grad_call_is_taken_out_of_each_backward():
     forward, whole = ops._time_node(node, True, cpu)
     assert forward > 0 and whole > 0
     assert ops._time_node(node, True, cpu, grad_call=1.0) == (pytest.approx(forward, rel=1.0), 0.0)  # clamped
+
+
+def test_backward_is_timed_for_the_gradients_the_step_computes(monkeypatch):
+    """The first linear reads the user's batch, which needs no gradient: its backward is timed
+    as the weight's and bias's gradients only (one matmul, not two)."""
+    wanted, asked, time_node = {}, [], ops._time_node
+
+    def timed(node, requires_grad, device, grad_call, want):
+        wanted[node.name] = want
+        return 1e-3, 2e-3
+
+    monkeypatch.setattr(ops, "_scales", lambda profile, device: (1.0, 1.0))
+    monkeypatch.setattr(ops, "_time_node", timed)
+    captured = mlp_graph()
+    ops._measure(captured, make_profile(), "adamw", budget=60.0)
+    graph = captured.program.graph
+    first = next(n for n in graph.nodes if str(n.target) == "aten.linear.default")
+    batch, weight = first.args[:2]
+    assert batch.name in captured.program.graph_signature.user_inputs
+    assert wanted[first.name] == {a.name for a in first.args[1:]}
+    later = [n for n in graph.nodes if str(n.target) == "aten.linear.default"][1]
+    assert later.args[0].name in wanted[later.name]  # an activation: its gradient flows back
+
+    real = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda outputs, inputs, *a, **k: asked.append(
+        [tuple(t.shape) for t in inputs]) or real(outputs, inputs, *a, **k))
+    time_node(first, True, torch.device("cpu"), wanted=frozenset({weight.name}))
+    assert asked and all(shapes == [tuple(weight.meta["val"].shape)] for shapes in asked)
 
 
 def test_real_timings_of_a_small_graph():
