@@ -2,7 +2,8 @@
 
 Each case is a plan (a zoo model, a batch, a strategy or a hand-chosen pipeline) run for real on
 local ranks with the cluster `autopar profile` measured for that many ranks. Per plan it reports
-the predicted and measured step time (median over rounds, the slowest rank) and peak tensor memory
+the predicted and measured step time (median over rounds, the slowest rank; the plans of one world
+size take their rounds in turns, so that all are measured over the same minutes) and peak tensor memory
 per rank (`runtime.memory.LiveMemory`), and over all plans: the median and worst absolute relative
 error, and Kendall's τ between the predicted and the measured ranking of step times,
 
@@ -88,59 +89,104 @@ def _my_stage_memory(plan, rank: int) -> float:
     raise ValueError(f"rank {rank} is in none of the plan's stages")
 
 
-def measure(*, model: str, batch: int, strategy: str, pipeline: dict | None, overrides: dict, cluster: str,
-            rounds: int = 5, steps: int = 3, precision: str = "fp32") -> dict[str, Any]:
-    """On every rank (inside `autopar.testing.RankPool`, or a world of one GPU): compile the case's
-    plan on `cluster` (JSON), time `rounds` × `steps` training steps, then one more step under
-    `LiveMemory`. Returns the plan's predictions and, per rank, the measurements."""
-    import autopar
-    from autopar import models, presets
-    from autopar.bench import describe
-    from autopar.cluster import Cluster
-    from autopar.passes.split import PipelineSpec
-    from autopar.runtime.memory import LiveMemory
-    from autopar.runtime.timing import sync
-    from autopar.runtime.world import this_device
+class _Prepared:
+    """One case on this rank: its compiled plan, warmed up, its batches and its memory measured."""
 
-    entry = models.get(model)
-    device = this_device()
-    with LiveMemory() as before:  # what this process already holds (earlier cases' leftovers): not this plan's
-        pass
-    net = entry.build(device, seed=0, **overrides)
-    inputs, target = entry.example_batch(batch, seed=0, device=device, **overrides)
-    parsed = Cluster.from_json(cluster)
-    compiled = autopar.compile(net, parsed, example_inputs=inputs, loss_fn=entry.loss_fn, target=target,
-                               optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-4), strategy=strategy,
-                               precision=precision, pipeline=PipelineSpec(**pipeline) if pipeline else False)
-    del net
-    try:
-        batches = [entry.example_batch(batch, seed=s, device=device, **overrides) for s in range(steps)]
-        for x, y in batches * 2:  # warm up: optimizer state, buffers, the allocator, gloo's threads
-            compiled.step(*x, target=y)
-        times = []
-        for _ in range(rounds):
-            dist.barrier()
-            sync(device)
-            start = time.perf_counter()
-            for x, y in batches:
-                compiled.step(*x, target=y)
-            sync(device)
-            dist.barrier()
-            times.append((time.perf_counter() - start) / steps)
-        x, y = batches[0]
-        del inputs, target, batches
-        with LiveMemory() as live:
-            compiled.step(*x, target=y)
-        peaks = [None] * dist.get_world_size()
-        dist.all_gather_object(peaks, live.peak - before.start)
-        plan = compiled.plan
-        flops = plan.cost.mfu * plan.cost.step_time * plan.num_devices * parsed.device.peak(plan.precision)
-        return {"predicted_time": plan.cost.step_time, "measured_time": statistics.median(times), "times": times,
+    def __init__(self, *, model: str, batch: int, strategy: str, pipeline: dict | None, overrides: dict,
+                 cluster: str, steps: int = 3, precision: str = "fp32") -> None:
+        import autopar
+        from autopar import models
+        from autopar.cluster import Cluster
+        from autopar.passes.split import PipelineSpec
+        from autopar.runtime.memory import LiveMemory
+        from autopar.runtime.world import this_device
+
+        entry = models.get(model)
+        self.device = this_device()
+        with LiveMemory() as before:  # what this process already holds (other cases): not this plan's
+            pass
+        net = entry.build(self.device, seed=0, **overrides)
+        inputs, target = entry.example_batch(batch, seed=0, device=self.device, **overrides)
+        self.cluster = Cluster.from_json(cluster)
+        self.compiled = autopar.compile(net, self.cluster, example_inputs=inputs, loss_fn=entry.loss_fn, target=target,
+                                        optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-4), strategy=strategy,
+                                        precision=precision,
+                                        pipeline=PipelineSpec(**pipeline) if pipeline else False)
+        del net
+        try:
+            for _ in range(2 * steps):  # warm up: optimizer state, buffers, the allocator, gloo's threads
+                self.compiled.step(*inputs, target=target)
+            with LiveMemory() as live:  # one batch alive, as a training loop holds
+                self.compiled.step(*inputs, target=target)
+            self.peaks = [None] * dist.get_world_size()
+            dist.all_gather_object(self.peaks, live.peak - before.start)
+            del inputs, target
+            self.batches = [entry.example_batch(batch, seed=s, device=self.device, **overrides) for s in range(steps)]
+        except BaseException:
+            self.compiled.close()
+            raise
+        self.times: list[float] = []
+
+    def round(self, warm: bool = False) -> None:
+        """Times one round: the batches' steps, all ranks started together, the slowest's time per
+        step. `warm`: one untimed step first (another plan ran since this one's last round)."""
+        from autopar.runtime.timing import sync
+
+        if warm:
+            x, y = self.batches[-1]
+            self.compiled.step(*x, target=y)
+        dist.barrier()
+        sync(self.device)
+        start = time.perf_counter()
+        for x, y in self.batches:
+            self.compiled.step(*x, target=y)
+        sync(self.device)
+        dist.barrier()
+        self.times.append((time.perf_counter() - start) / len(self.batches))
+
+    def result(self) -> dict[str, Any]:
+        from autopar import presets
+        from autopar.bench import describe
+
+        plan = self.compiled.plan
+        flops = plan.cost.mfu * plan.cost.step_time * plan.num_devices * self.cluster.device.peak(plan.precision)
+        return {"predicted_time": plan.cost.step_time, "measured_time": statistics.median(self.times),
+                "times": self.times,
                 "predicted_memory": [_my_stage_memory(plan, r) for r in range(dist.get_world_size())],
-                "measured_memory": peaks, "plan": describe(plan), "flops": flops,
-                "datasheet_peak": presets.local().device.peak(plan.precision) if device.type == "cuda" else 0.0}
+                "measured_memory": self.peaks, "plan": describe(plan), "flops": flops,
+                "datasheet_peak": presets.local().device.peak(plan.precision) if self.device.type == "cuda" else 0.0}
+
+
+def measure(*, rounds: int = 5, **case) -> dict[str, Any]:
+    """On every rank (inside `autopar.testing.RankPool`, or a world of one GPU): compile the case's
+    plan on `cluster` (JSON), warm it up, measure one step under `LiveMemory`, then time `rounds` ×
+    `steps` training steps. Returns the plan's predictions and, per rank, the measurements."""
+    prepared = _Prepared(**case)
+    try:
+        for _ in range(rounds):
+            prepared.round()
+        return prepared.result()
     finally:
-        compiled.close()
+        prepared.compiled.close()
+
+
+def measure_in_turns(*, cases: list[dict[str, Any]], rounds: int = 5) -> dict[str, list[dict[str, Any]]]:
+    """`measure` for several cases on the same ranks, their rounds taken in turns: every round
+    times each case once (after one untimed step), so a burst of another program's load slows one
+    round of many plans rather than every round of one, and plans compared with each other were
+    measured over the same minutes (as the profiler times its collectives, `in_step_seconds`).
+    Returns {"results": `measure`'s dict per case, in order}."""
+    prepared: list[_Prepared] = []
+    try:
+        for case in cases:
+            prepared.append(_Prepared(**case))
+        for _ in range(rounds):
+            for p in prepared:
+                p.round(warm=len(prepared) > 1)
+        return {"results": [p.result() for p in prepared]}
+    finally:
+        for p in prepared:
+            p.compiled.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +229,8 @@ class AccuracyRow:
 
 def accuracy_benchmark(clusters: dict[int, str], cases=ACCURACY_CASES, rounds: int = 5,
                        progress=None) -> list[AccuracyRow]:
-    """Runs every case on a pool of its world size; `clusters`: world size → cluster JSON (profiled)."""
+    """Runs every case on a pool of its world size, the cases of one world size in turns
+    (`measure_in_turns`); `clusters`: world size → cluster JSON (profiled)."""
     from autopar.testing import RankPool
 
     rows = []
@@ -191,18 +238,17 @@ def accuracy_benchmark(clusters: dict[int, str], cases=ACCURACY_CASES, rounds: i
         if world not in clusters:
             raise ValueError(f"cluster: found profiles for {sorted(clusters)} rank(s), required one for {world}")
         mine = [c for c in cases if c.world == world]
+        kwargs = [{"model": c.model, "batch": c.batch, "strategy": c.strategy, "pipeline": c.pipeline,
+                   "overrides": c.overrides, "cluster": clusters[world]} for c in mine]
         with RankPool(world, timeout=600) as pool:
-            for case in mine:
-                kwargs = {"model": case.model, "batch": case.batch, "strategy": case.strategy,
-                          "pipeline": case.pipeline, "overrides": case.overrides, "cluster": clusters[world],
-                          "rounds": rounds}
-                (got,) = pool.run([{"call": "autopar.bench_accuracy:measure", "kwargs": kwargs}], timeout=1800)
-                if "error" in got:
-                    raise RuntimeError(f"{case.label} on {world} ranks: {got['error']}\n{got.get('traceback', '')}")
-                worst = max(range(world), key=lambda r: got["measured_memory"][r])
-                rows.append(_row(case, got))
-                if progress is not None:
-                    progress(rows[-1])
+            (got,) = pool.run([{"call": "autopar.bench_accuracy:measure_in_turns",
+                                "kwargs": {"cases": kwargs, "rounds": rounds}}], timeout=3600)
+        if "error" in got:
+            raise RuntimeError(f"the cases on {world} ranks: {got['error']}\n{got.get('traceback', '')}")
+        for case, result in zip(mine, got["results"], strict=True):
+            rows.append(_row(case, result))
+            if progress is not None:
+                progress(rows[-1])
     return rows
 
 
