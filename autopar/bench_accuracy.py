@@ -126,6 +126,8 @@ class _Prepared:
             self.compiled.close()
             raise
         self.times: list[float] = []
+        self.starts: list[float] = []
+        """perf_counter() at the start of each timed round."""
 
     def round(self, warm: bool = False) -> None:
         """Times one round: the batches' steps, all ranks started together, the slowest's time per
@@ -138,6 +140,7 @@ class _Prepared:
         dist.barrier()
         sync(self.device)
         start = time.perf_counter()
+        self.starts.append(start)
         for x, y in self.batches:
             self.compiled.step(*x, target=y)
         sync(self.device)
@@ -151,7 +154,7 @@ class _Prepared:
         plan = self.compiled.plan
         flops = plan.cost.mfu * plan.cost.step_time * plan.num_devices * self.cluster.device.peak(plan.precision)
         return {"predicted_time": plan.cost.step_time, "measured_time": statistics.median(self.times),
-                "times": self.times,
+                "times": self.times, "starts": self.starts,
                 "predicted_memory": [_my_stage_memory(plan, r) for r in range(dist.get_world_size())],
                 "measured_memory": self.peaks, "plan": describe(plan), "flops": flops,
                 "datasheet_peak": presets.local().device.peak(plan.precision) if self.device.type == "cuda" else 0.0}

@@ -81,31 +81,14 @@ def test_cases_on_the_same_ranks_take_their_rounds_in_turns(pools):
     cluster = autopar.Cluster.preset("cpu", gpus_per_node=2).to_json()
     cases = [{"model": "mlp-tiny", "batch": 64, "strategy": s, "pipeline": None, "overrides": {},
               "cluster": cluster, "steps": 1} for s in ("dp", "tp")]
-    (got,) = pools(2).run([{"call": "tests.runtime.test_bench_accuracy:_turns_logged",
+    (got,) = pools(2).run([{"call": "autopar.bench_accuracy:measure_in_turns",
                             "kwargs": {"cases": cases, "rounds": 3}}])
     assert "error" not in got, got.get("traceback")
-    assert got["order"] == ["dp", "tp"] * 3
-    results = got["results"]
-    assert len(results) == 2 and all(len(r["times"]) == 3 and r["measured_time"] > 0 for r in results)
-    assert results[0]["predicted_time"] != results[1]["predicted_time"]  # two plans, not one twice
-    assert all(len(r["measured_memory"]) == 2 for r in results)
-
-
-def _turns_logged(cases, rounds):
-    """`measure_in_turns`, noting which case each timed round belonged to."""
-    from autopar import bench_accuracy
-
-    order, timed = [], bench_accuracy._Prepared.round
-
-    def round_(self, warm=False):
-        order.append(self.compiled.plan.strategy)
-        return timed(self, warm)
-
-    bench_accuracy._Prepared.round = round_
-    try:
-        return {**bench_accuracy.measure_in_turns(cases=cases, rounds=rounds), "order": order}
-    finally:
-        bench_accuracy._Prepared.round = timed
+    dp, tp = got["results"]
+    assert len(dp["times"]) == len(tp["times"]) == 3 and dp["measured_time"] > 0 and tp["measured_time"] > 0
+    assert dp["starts"][0] < tp["starts"][0] < dp["starts"][1] < tp["starts"][1] < dp["starts"][2] < tp["starts"][2]
+    assert dp["predicted_time"] != tp["predicted_time"]  # two plans, not one twice
+    assert len(dp["measured_memory"]) == len(tp["measured_memory"]) == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
