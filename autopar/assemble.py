@@ -80,14 +80,14 @@ def stage(problem: ShardingProblem, solution: ShardingSolution, *, index: int = 
             totals[key] += getattr(strategy, key)
     edge_time = sum(e.count * e.cost[e.rows[solution.choice[e.src]]][e.cols[solution.choice[e.dst]]]
                     for e in problem.edges)
-    edge_time += bucket_latency(problem, solution.choice)  # the runtime's gradient buckets start
+    buckets = bucket_latency(problem, solution.choice)  # the runtime's gradient buckets start
     records = _collectives(problem, solution, nodes, params)
     devices = problem.mesh.size
     dtype = "fp32" if problem.options.precision == "fp32" else problem.options.precision
     model_flops = ctx.captured.flops + ctx.captured.backward_flops
     step_time = solution.step_time
     workspace = backward_workspace(ctx.captured, nodes, problem.mesh.shape)
-    cost = Cost(step_time=step_time, compute=totals["compute"], communication=totals["comm"] + edge_time,
+    cost = Cost(step_time=step_time, compute=totals["compute"], communication=totals["comm"] + edge_time + buckets,
                 optimizer=totals["optimizer"], peak_memory=solution.memory + workspace,
                 activations=totals["activations"] + workspace,
                 parameter_state=totals["state"],

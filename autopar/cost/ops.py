@@ -129,9 +129,10 @@ def _measure(captured: CapturedGraph, profile, optimizer: str, budget: float) ->
             continue
         if time.perf_counter() - start > budget or not _small(info, profile):
             continue
-        wanted = frozenset(a.name for a in node.all_input_nodes if a.name in differentiable)
-        key = (_key(node), tuple(a.name in wanted for a in _nodes_of(node)))
+        grads = tuple(a.name in differentiable for a in _nodes_of(node))  # by position: shared timings
+        key = (_key(node), grads)
         if key not in times:
+            wanted = frozenset(a.name for a in _nodes_of(node) if a.name in differentiable)
             times[key] = _time_node(node, info.requires_grad, device, grad_call, wanted)
         if times[key] is not None:
             out[node.name] = times[key]
