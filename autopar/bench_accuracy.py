@@ -182,7 +182,11 @@ def measure_in_turns(*, cases: list[dict[str, Any]], rounds: int = 5) -> dict[st
     prepared: list[_Prepared] = []
     try:
         for case in cases:
-            prepared.append(_Prepared(**case))
+            try:
+                prepared.append(_Prepared(**case))
+            except Exception as e:  # name the case: the others on these ranks share the error
+                raise RuntimeError(f"{case['model']} {case['strategy']}{' pipelined' if case.get('pipeline') else ''}"
+                                   f" (batch {case['batch']}): {type(e).__name__}: {e}") from e
         for _ in range(rounds):
             for p in prepared:
                 p.round(warm=len(prepared) > 1)

@@ -317,8 +317,8 @@ def _add_bench(sub) -> None:
                                    "`pipeline`: auto with pipeline stages against the best Megatron-LM dp×tp×pp "
                                    "configuration, 8 to 1024 GPUs. "
                                    "`accuracy`: predicted against measured step time and memory of 16 plans on "
-                                   "2 and 4 local ranks, profiled first (with --gpu: 8 plans on this machine's "
-                                   "first GPU); each error against the median and the fastest round, and the "
+                                   "2 and 4 local ranks, profiled first, the plans of one world size taking their "
+                                   "rounds in turns (with --gpu: 8 plans on this machine's first GPU); each error against the median and the fastest round, and the "
                                    "CPU time the hypervisor took meanwhile (steal). "
                                    "`runtime`: step times of autopar's dp, fsdp, tp and auto plans against "
                                    "DistributedDataParallel, FSDP2 and parallelize_module on local gloo ranks.")
@@ -326,7 +326,7 @@ def _add_bench(sub) -> None:
                    help="which benchmark")
     p.add_argument("--models", nargs="+", default=["gpt3-175b"], help="zoo models (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1, help="samples per step (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=5, help="runtime: rounds, variants taking turns (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=5, help="runtime and accuracy: timed rounds, the variants or plans taking turns (default: %(default)s)")
     p.add_argument("--steps", type=int, default=4, help="runtime: timed steps per round (default: %(default)s)")
     p.add_argument("--out", default=None, help="append the table to this file")
     p.add_argument("--cluster2", default=None, metavar="FILE",

@@ -91,6 +91,15 @@ def test_cases_on_the_same_ranks_take_their_rounds_in_turns(pools):
     assert len(dp["measured_memory"]) == len(tp["measured_memory"]) == 2
 
 
+def test_a_case_that_cannot_be_prepared_is_named(pools):
+    cluster = autopar.Cluster.preset("cpu", gpus_per_node=2).to_json()
+    bad = {"model": "no-such-model", "batch": 8, "strategy": "dp", "pipeline": None, "overrides": {},
+           "cluster": cluster}
+    (got,) = pools(2).run([{"call": "autopar.bench_accuracy:measure_in_turns",
+                            "kwargs": {"cases": [bad], "rounds": 1}}])
+    assert "no-such-model dp (batch 8)" in got["error"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
 def test_the_gpu_cases_without_a_gpu_say_so_before_profiling(capsys):
     from autopar.cli import main
