@@ -259,7 +259,8 @@ def _price_members(ctx: Context, unit: Unit, strategy: Strategy) -> None:
         if dtype not in ("fp32", "bf16", "fp16"):
             dtype = "fp32"
         measured = ctx.ops.nodes.get(name) if ctx.ops is not None else None
-        strategy.compute += local_time(info, sharding, shape, ctx.device, dtype, ctx.profile, measured)
+        fixed = ctx.ops.fixed.get(name) if ctx.ops is not None else None
+        strategy.compute += local_time(info, sharding, shape, ctx.device, dtype, ctx.profile, measured, fixed)
         strategy.activations += saved_memory(info, sharding, shape)
         for axis, kind in enumerate(sharding.kinds):
             if kind in _INTERNAL:

@@ -190,11 +190,13 @@ def saved_memory(node_info, sharding: NodeSharding, mesh_shape) -> float:
 
 
 def local_time(node_info, sharding: NodeSharding, mesh_shape, device, dtype: str, profile=None,
-               measured: tuple[float, float] | None = None) -> float:
+               measured: tuple[float, float] | None = None, fixed: tuple[float, float] | None = None) -> float:
     """Forward + backward of one node on its shard: the work divided where the op splits it
     (`cost.compute.kernel_time`: the roofline, or the cluster's profile when it has one). `measured`:
     the node's whole (forward, backward) seconds timed on the device (`cost.ops`); its share is then
-    o + (t − o) / parts, o the profile's kernel overhead (paid whole by every part). A view's
+    o + (t − o) / parts, o what does not shrink with the split: `fixed`, the node's own (timed again
+    on half its batch, `cost.ops.OpTimes.fixed`: dispatch, autograd, a smaller matmul's lower
+    rate), or else the profile's kernel overhead; every part pays it whole. A view's
     measured time is its dispatch (and, from non-contiguous memory, a reshape's copy); unmeasured,
     it is free."""
     if measured is None and node_info.flops == 0 and node_info.bytes_moved == 0:
@@ -202,7 +204,8 @@ def local_time(node_info, sharding: NodeSharding, mesh_shape, device, dtype: str
     parts_ = parts(sharding, mesh_shape)
     if measured is not None:
         o = profile.kernel_overhead if profile is not None else 0.0
-        share = [o + max(t - o, 0.0) / parts_ if t > 0 else 0.0 for t in measured]
+        own = fixed if fixed is not None else (o, o)
+        share = [f + max(t - f, 0.0) / parts_ if t > 0 else 0.0 for t, f in zip(measured, own)]
         return share[0] + (share[1] if node_info.requires_grad else 0.0)
     forward = kernel_time(node_info.flops / parts_, node_info.bytes_moved / parts_, device, dtype, profile)
     if not node_info.requires_grad:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from autopar.cost.profile import PROFILED, CollectiveFit, fit_alpha_beta
+from autopar.cost.sampling import trimmed_mean
 from autopar.progress import Bar
 from autopar.runtime.timing import max_over_ranks, seconds_per_call
 
@@ -127,14 +127,6 @@ def in_step_seconds(calls, device: torch.device, group, *, repeats, sample: floa
         if progress is not None:
             progress()
     return [max(trimmed_mean(b) - trimmed_mean(a), 1e-7) for b, a in zip(both, alone)]
-
-
-def trimmed_mean(values: list[float], share: float = 0.1) -> float:
-    """The mean of `values` less the ceil(share · n) smallest and as many largest (none of fewer
-    than 3 values)."""
-    ordered = sorted(values)
-    k = math.ceil(share * len(ordered)) if len(ordered) >= 3 else 0
-    return statistics.fmean(ordered[k:len(ordered) - k])
 
 
 def _repeat(chunk, call, inner: int, barrier, device: torch.device) -> float:

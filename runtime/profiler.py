@@ -4,11 +4,12 @@
     torchrun --nnodes 2 --nproc-per-node 8 ... -m autopar.runtime.profiler --out cluster.json
 
 Under torchrun (WORLD_SIZE set) every rank takes part and rank 0 writes; otherwise `--nproc` local
-ranks are spawned. Every rank measures at once, as in training, and each figure is the median over
-repeats of the slowest rank's time (all-reduce MAX):
+ranks are spawned. Every rank measures at once, as in training, and each figure is the slowest
+rank's (all-reduce MAX):
 
 - matmul: (s, s) @ (s, s) for growing s in fp32, bf16, fp16 (and tf32 on a GPU), 2s³ FLOPs over the
-  time; a dtype's sizes stop where the next would take longer than the budget;
+  time, every shape taking turns round by round, each the trimmed mean of its samples
+  (`measure_matmul`); a dtype's sizes stop where the next would take longer than the budget;
 - memory bandwidth: out = a + b on large arrays, 3 × bytes of one array over the time;
 - kernel overhead: a chain of multiplications of one-element tensors, forward and backward through
   autograd as training runs them, per kernel (dispatch and autograd on a CPU rank, launch on a GPU);
@@ -41,11 +42,12 @@ import torch
 import torch.distributed as dist
 
 from autopar.cost.profile import MatmulRate, Profile, calibrated
+from autopar.cost.sampling import Sampler, in_turns, seconds_of
 from autopar.errors import AutoparError
 from autopar.progress import Bar
 from autopar.runtime.launch import CPU_ONLY, add_device_argument, check_local_ranks
 from autopar.runtime.profile_collectives import group_sizes, measure_collectives, rounds
-from autopar.runtime.timing import max_over_ranks, median_seconds, sync
+from autopar.runtime.timing import max_over_ranks, median_seconds
 from autopar.runtime.world import free_port
 
 logger = logging.getLogger(__name__)
@@ -100,28 +102,50 @@ def _dtypes(device: torch.device) -> list[str]:
 
 def measure_matmul(settings: Settings, device: torch.device, dtypes: list[str],
                    progress: Bar) -> tuple[MatmulRate, ...]:
-    rates = []
+    """Every (dtype, side) taking turns for `settings.repeats` rounds that every rank starts
+    together, each round one sample of each (`cost.sampling`); a shape's time is the trimmed mean
+    of its samples on the slowest rank. The planner scales its op timings by one of these rates
+    (`cost.ops`), so one moment of a drifting machine must not set it: timed one shape after
+    another, the 512³ fp32 rate of 2 CPU ranks read 78 to 150 GFLOP/s in profiles of one day."""
+    samplers, shapes = [], []
     for dtype in dtypes:
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
         for i, s in enumerate(settings.sides):
             progress.advance(f"matmul {dtype} {s}×{s}×{s}")
             a = torch.randn(s, s, device=device).to(_TORCH_DTYPES[dtype])
             b = torch.randn(s, s, device=device).to(_TORCH_DTYPES[dtype])
-            begin = time.perf_counter()
-            torch.mm(a, b)
-            sync(device)
-            inner = max(1, min(100, int(1e-3 / max(time.perf_counter() - begin, 1e-9))))
-            seconds = max_over_ranks([median_seconds(lambda: torch.mm(a, b), device, repeats=settings.repeats,
-                                                      inner=inner, sample=settings.sample)], device)[0]
-            rates.append(MatmulRate(dtype=dtype, m=s, k=s, n=s, rate=2.0 * s ** 3 / seconds))
+            call = _matmul(a, b, dtype, device)
+            call()  # the first call sets the kernel up
+            once = max_over_ranks([seconds_of(call, device, 1)], device)[0]
+            samplers.append(Sampler(call, device, max(settings.sample, 1e-3)))
+            shapes.append((dtype, s))
             following = settings.sides[i + 1] if i + 1 < len(settings.sides) else None
-            if following is not None and seconds * (following / s) ** 3 > settings.matmul_budget:
+            if following is not None and once * (following / s) ** 3 > settings.matmul_budget:
                 progress.advance(f"matmul {dtype}: larger sides skipped", by=len(settings.sides) - i - 1)
                 break
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-    return tuple(rates)
+    calls = max_over_ranks([float(s.calls) for s in samplers], device)  # the same work on every rank
+    for sampler, agreed in zip(samplers, calls):
+        sampler.calls = int(agreed)
+    for r in range(settings.repeats):
+        progress.advance(f"matmul round {r + 1}/{settings.repeats}")
+        if dist.is_initialized():
+            dist.barrier()
+        in_turns(samplers, 1)
+    seconds = max_over_ranks([s.seconds() for s in samplers], device)
+    return tuple(MatmulRate(dtype=dtype, m=s, k=s, n=s, rate=2.0 * s ** 3 / t) for (dtype, s), t in zip(shapes, seconds))
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, dtype: str, device: torch.device):
+    """a @ b as a call; on a GPU with TF32 allowed only for "tf32"."""
+    if device.type != "cuda":
+        return lambda: torch.mm(a, b)
+
+    def call():
+        torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+        try:
+            return torch.mm(a, b)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = False
+    return call
 
 
 _ROUNDS = 3
@@ -170,7 +194,7 @@ def profile_world(*, quick: bool = False, progress: bool = True) -> Profile:
     settings = Settings.make(quick=quick, cuda=device.type == "cuda")
     dtypes = _dtypes(device)
     collective_steps = len(group_sizes(world, per_node)) * rounds(settings) if world > 1 else 0
-    total = len(dtypes) * len(settings.sides) + 2 + collective_steps
+    total = len(dtypes) * len(settings.sides) + settings.repeats + 2 + collective_steps
     shown = progress and (not dist.is_initialized() or dist.get_rank() == 0)
     with Bar(total, "profile", stream=None if shown else io.StringIO()) as bar:
         if dist.is_initialized():

@@ -7,31 +7,35 @@ runs two matmuls with transposed operands, attention's softmax is several passes
 cluster's profile was measured on a device of this machine's kind (gloo: a CPU; NCCL: a GPU here),
 the planner times every node of the graph instead, once per distinct (op, argument shapes and
 dtypes, constants), on random inputs of the node's shapes and strides, taking turns over copies
-of them beyond a core's cache (`_time_node`); views too, for their dispatch and a reshape's copy:
+of them beyond a core's cache (`_node_timer`); views too, for their dispatch and a reshape's copy:
 
-    forward  = fastest time of the op
-    backward = fastest time of the op and its `torch.autograd.grad` − forward − g
+    forward  = mean time of the op
+    backward = mean time of the op and its `torch.autograd.grad` − forward − g
 
+each mean a trimmed mean of `_ROUNDS` samples taken in turns: every round samples every distinct
+node once, with the reference kernels and fixed costs below (`cost.sampling`), so that the nodes
+and the rates that scale them see the same machine, and a drift of its speed over seconds lands
+on one sample of many nodes rather than on every sample of a few.
 g is what one `torch.autograd.grad` call costs whatever it differentiates (the engine's start; on
 a GPU also its hand-off to the device's thread), timed on x·2 of 64 elements as its both − 2 ·
 forward. A training step pays it once, not once per node.
 
-and scales both to the profiled device (other ranks share its cores there, not here):
+Both are scaled to the profiled device (other ranks share its cores there, not here):
 
     t_device = t_here · r_here / r_profiled
 
 r is an fp32 matmul rate for nodes that do FLOPs and the bandwidth of a large add for the rest,
-taken from the profile and measured here before and after timing the nodes (the faster of the two:
-like every sample here, a rate is only lowered by what else the machine is doing). On a CPU the
-matmul is the profile's nearest to 512×512×512 and the add 2²³ elements; on a GPU the profile's
-largest matmul and 2²⁶ elements, since smaller ones time the launch and the L2 cache, not the
-device (50 MB of L2 on an H100).
+taken from the profile and measured here in the nodes' rounds. On a CPU the matmul is the
+profile's nearest to 512×512×512 and the add 2²³ elements; on a GPU the profile's largest matmul
+and 2²⁶ elements, since smaller ones time the launch and the L2 cache, not the device (50 MB of
+L2 on an H100).
 A node's share on `p` devices is o + (t − o) / p, o the profile's kernel overhead
 (`strategies.local_time`). Nodes too large to time here (over `_LARGEST` bytes or `_LONGEST`
 seconds predicted) and nodes whose op fails on random inputs keep the FLOPs-and-bytes price; so
-does every node once `budget` seconds are spent.
+does every node left once `budget` / `_ROUNDS` seconds are spent preparing them (each costs as
+much again every round), and the rounds stop early where the next would end after `budget`.
 
-The optimizer's update is timed the same way: one step of the plan's optimizer over `_ELEMENTS`
+The optimizer's update is timed in the same rounds: one step of the plan's optimizer over `_ELEMENTS`
 parameters, giving seconds per updated element (`OpTimes.update`), and one step over `_TENSORS`
 tiny parameters, giving what each parameter tensor adds whatever its size (`OpTimes.per_tensor`:
 on a CPU the foreach kernels loop over the tensors, a dozen small kernels each):
@@ -53,6 +57,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils import _pytree as pytree
 
+from autopar.cost.sampling import Sampler, in_turns
 from autopar.graph import CapturedGraph
 
 _LARGEST = 256 * 2 ** 20
@@ -65,6 +70,8 @@ _TENSORS = 128
 """Tiny parameter tensors (64 elements each) of the step that times the per-tensor cost."""
 _SAMPLE = 0.005
 """Least seconds of one timed sample."""
+_ROUNDS = 7
+"""Samples of every timing, one per round (`cost.sampling.in_turns`)."""
 _ROTATE = 8 * 2 ** 20
 """Bytes of input copies a node's timing takes turns over: beyond a core's cache (`_time_node`)."""
 _COPIES = 16
@@ -84,6 +91,9 @@ class OpTimes:
     """Seconds one placement change of the lowered program (`runtime.collectives.Reshard`) costs
     forward and backward beyond its data movement and collectives: an autograd function run from
     Python, both ways."""
+    fixed: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Per node, the (forward, backward) seconds that do not shrink when its work is split: from
+    the node timed again on half its leading dim, t_fixed = 2 · t_half − t (`_half`)."""
     seconds: float = 0.0
     """How long the timing took."""
 
@@ -119,36 +129,39 @@ def _measure(captured: CapturedGraph, profile, optimizer: str, budget: float) ->
     differentiable = {n for n, info in captured.nodes.items() if info.requires_grad}
     differentiable |= {p.placeholder for p in captured.params.values() if p.requires_grad}
     device = torch.device("cuda" if profile.backend == "nccl" else "cpu")
-    before = _scales(profile, device)
-    grad_call = _grad_call(device)
-    times: dict[tuple, tuple[float, float] | None] = {}
-    out = {}
+    fixed = _Fixed(profile, device, optimizer)
+    timers: dict[tuple, _NodeTimer | None] = {}
+    halves: dict[tuple, _NodeTimer | None] = {}
+    key_of: dict[str, tuple] = {}
     for node in captured.program.graph.nodes:
         info = captured.nodes.get(node.name)
         if not isinstance(node.target, torch._ops.OpOverload) or info is None or node.name in ignored:
             continue
-        if time.perf_counter() - start > budget or not _small(info, profile):
-            continue
+        if time.perf_counter() - start > budget / _ROUNDS or not _small(info, profile):
+            continue  # each node prepared costs about as much again every round
         grads = tuple(a.name in differentiable for a in _nodes_of(node))  # by position: shared timings
         key = (_key(node), grads)
-        if key not in times:
+        if key not in timers:
             wanted = frozenset(a.name for a in _nodes_of(node) if a.name in differentiable)
-            times[key] = _time_node(node, info.requires_grad, device, grad_call, wanted)
-        if times[key] is not None:
-            out[node.name] = times[key]
-    after = _scales(profile, device)
-    matmul_scale, memory_scale = max(before[0], after[0]), max(before[1], after[1])
-    for name, (forward, backward) in out.items():
+            timers[key] = _node_timer(node, info.requires_grad, device, wanted)
+            halves[key] = _node_timer(node, info.requires_grad, device, wanted, half=True) if timers[key] else None
+        if timers[key] is not None:
+            key_of[node.name] = key
+    live = [t for t in [*timers.values(), *halves.values()] if t is not None]
+    in_turns(fixed.samplers + [s for t in live for s in t.samplers], _ROUNDS, deadline=start + budget)
+    matmul_scale, memory_scale = fixed.scales()
+    grad_call = fixed.grad_call()
+    out, fixed_parts = {}, {}
+    for name, key in key_of.items():
         scale = matmul_scale if captured.nodes[name].flops else memory_scale
-        out[name] = (forward * scale, backward * scale)
-    update, per_tensor = None, 0.0
-    if time.perf_counter() - start < budget:
-        update = _time_update(optimizer, device, [_ELEMENTS]) / _ELEMENTS
-        tiny = _time_update(optimizer, device, [64] * _TENSORS)
-        per_tensor = max(tiny - 64 * _TENSORS * update, 0.0) / _TENSORS * memory_scale
-        update *= memory_scale
-    return OpTimes(nodes=out, update=update, per_tensor=per_tensor, reshard=_reshard_overhead(device) * memory_scale,
-                   seconds=time.perf_counter() - start)
+        whole = timers[key].seconds(grad_call)
+        out[name] = (whole[0] * scale, whole[1] * scale)
+        if halves[key] is not None:
+            half = halves[key].seconds(grad_call)
+            fixed_parts[name] = tuple(min(max(2 * h - t, 0.0), t) * scale for h, t in zip(half, whole))
+    update, per_tensor = fixed.update()
+    return OpTimes(nodes=out, update=update * memory_scale, per_tensor=per_tensor * memory_scale,
+                   reshard=fixed.reshard() * memory_scale, fixed=fixed_parts, seconds=time.perf_counter() - start)
 
 
 def _small(info, profile) -> bool:
@@ -171,7 +184,7 @@ def _key(node: torch.fx.Node) -> tuple:
     return (str(node.target), tuple(describe(a) for a in pytree.tree_leaves((node.args, node.kwargs))))
 
 
-def _real(value, device: torch.device):
+def _real(value, device: torch.device, halve: int | None = None):
     """A random tensor like the fake `value`, with its strides (integer ones zero: valid indices and
     class targets). Strides matter: an add or a multiply reading a transposed view (attention's
     heads, a rotary embedding's halves) runs several times slower than on contiguous memory, and a
@@ -179,6 +192,8 @@ def _real(value, device: torch.device):
     if not isinstance(value, torch.Tensor):
         return value
     shape, stride = tuple(value.shape), tuple(value.stride())
+    if halve is not None and shape and shape[0] == halve:
+        shape = (halve // 2,) + shape[1:]
     size = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
     if value.dtype.is_floating_point:
         base = torch.randn(size, dtype=value.dtype, device=device)
@@ -187,18 +202,42 @@ def _real(value, device: torch.device):
     return base.as_strided(shape, stride)
 
 
-def _time_node(node: torch.fx.Node, requires_grad: bool, device: torch.device,
-               grad_call: float = 0.0, wanted: frozenset[str] | None = None) -> tuple[float, float] | None:
-    """(forward, backward) seconds of the node's op on random inputs; None when it fails on them.
-    `grad_call`: the fixed cost of one `torch.autograd.grad` call (`_grad_call`), not the node's.
+class _NodeTimer:
+    """A node's samplers: its forward, and its forward with its `torch.autograd.grad` (None when the
+    step computes no gradient through it)."""
+
+    def __init__(self, forward: Sampler, both: Sampler | None):
+        self.forward, self.both = forward, both
+
+    @property
+    def samplers(self) -> list[Sampler]:
+        return [self.forward] + ([self.both] if self.both is not None else [])
+
+    def seconds(self, grad_call: float) -> tuple[float, float]:
+        """(forward, backward): backward = both − forward − `grad_call`, at least 0."""
+        forward = self.forward.seconds()
+        if self.both is None:
+            return forward, 0.0
+        return forward, max(self.both.seconds() - forward - grad_call, 0.0)
+
+
+def _node_timer(node: torch.fx.Node, requires_grad: bool, device: torch.device,
+                wanted: frozenset[str] | None = None, half: bool = False) -> _NodeTimer | None:
+    """The node's op on random inputs, ready to be sampled; None when it fails on them.
     `wanted`: the inputs whose gradient the step's backward computes (None: every floating one).
     The others are constants to backward: the first linear's batch, a rotary embedding's cos and
     sin; a linear's backward without its input's gradient is one matmul, not two.
 
     Calls take turns over several copies of the inputs, `_ROTATE` bytes in all: in a step an op
     reads what other ops wrote a while before, from the shared cache or memory, not what it read a
-    moment ago from its core's own cache."""
-    real = lambda a: _real(a.meta.get("val"), device) if isinstance(a, torch.fx.Node) else a  # noqa: E731
+    moment ago from its core's own cache.
+
+    `half`: every input whose leading dim is the output's (an even one) gets half of it, as a
+    split of the batch makes it; None when the output has no such dim or the op fails so."""
+    halve = _leading(node) if half else None
+    if half and halve is None:
+        return None
+    real = lambda a: _real(a.meta.get("val"), device, halve) if isinstance(a, torch.fx.Node) else a  # noqa: E731
     first = pytree.tree_map(real, (node.args, node.kwargs))
     held = sum(t.numel() * t.element_size() for t in pytree.tree_leaves(first) if isinstance(t, torch.Tensor))
     copies = [first] + [pytree.tree_map(real, (node.args, node.kwargs))
@@ -210,19 +249,19 @@ def _time_node(node: torch.fx.Node, requires_grad: bool, device: torch.device,
         return node.target(*args, **kwargs)
 
     try:
-        forward = _fastest(run, device)
+        forward = Sampler(run, device, _SAMPLE)
         sources = pytree.tree_leaves((node.args, node.kwargs))
         floating = [[t for t, a in zip(pytree.tree_leaves(c), sources)
                      if isinstance(t, torch.Tensor) and t.dtype.is_floating_point
                      and (wanted is None or (isinstance(a, torch.fx.Node) and a.name in wanted))]
                     for c in copies]
         if not requires_grad or not floating[0]:
-            return forward, 0.0
+            return _NodeTimer(forward, None)
         for t in itertools.chain.from_iterable(floating):
             t.requires_grad_(True)
         outputs = [t for t in pytree.tree_leaves(run()) if isinstance(t, torch.Tensor) and t.requires_grad]
         if not outputs:
-            return forward, 0.0
+            return _NodeTimer(forward, None)
         grads = [torch.randn_like(t) for t in outputs]
         pairs = itertools.cycle(list(zip(copies, floating)))
 
@@ -232,27 +271,99 @@ def _time_node(node: torch.fx.Node, requires_grad: bool, device: torch.device,
                     if isinstance(t, torch.Tensor) and t.requires_grad]
             torch.autograd.grad(made, leaves, grads, allow_unused=True)
 
-        return forward, max(_fastest(both, device) - forward - grad_call, 0.0)
+        return _NodeTimer(forward, Sampler(both, device, _SAMPLE))
     except (RuntimeError, ValueError, TypeError, IndexError):
         return None
 
 
-def _time_update(optimizer: str, device: torch.device, sizes: list[int]) -> float:
-    """Seconds of one step of `optimizer` (torch's, default settings) over parameters of `sizes`."""
+def _leading(node: torch.fx.Node) -> int | None:
+    """The output's leading dim, when it is even and some input shares it."""
+    out = node.meta.get("val")
+    if not isinstance(out, torch.Tensor) or not out.dim() or out.shape[0] < 2 or out.shape[0] % 2:
+        return None
+    shared = any(isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == out.shape[0]
+                 for v in (a.meta.get("val") for a in _nodes_of(node)))
+    return int(out.shape[0]) if shared else None
+
+
+def _time_node(node: torch.fx.Node, requires_grad: bool, device: torch.device, grad_call: float = 0.0,
+               wanted: frozenset[str] | None = None) -> tuple[float, float] | None:
+    """(forward, backward) seconds of one node timed alone, `_ROUNDS` samples each; None when it
+    fails on random inputs. `grad_call`: the fixed cost of one `torch.autograd.grad` call, not the
+    node's."""
+    timer = _node_timer(node, requires_grad, device, wanted)
+    if timer is None:
+        return None
+    in_turns(timer.samplers, _ROUNDS)
+    return timer.seconds(grad_call)
+
+
+class _Fixed:
+    """What every graph's timing needs besides its nodes, sampled in the same rounds:
+
+    - the reference matmul and add whose rates here, against the profile's, scale every node
+      (`scales`, the module docstring's r_here / r_profiled);
+    - one `torch.autograd.grad` call's fixed cost: both − 2 · forward of x·2 (the backward of x·2
+      is one such multiply), x of 64 elements (`grad_call`);
+    - one step of the plan's optimizer (torch's, default settings) over `_ELEMENTS` parameters and
+      over `_TENSORS` parameters of 64 elements (`update`);
+    - a `Reshard` node on a one-process world, where it moves nothing: both of Reshard(x)·2 − both
+      of x·2, 64 elements (`reshard`)."""
+
+    def __init__(self, profile, device: torch.device, optimizer: str):
+        fp32 = [r for r in profile.matmul if r.dtype == "fp32"]
+        if device.type == "cuda":
+            self.side, elements = max(fp32, key=lambda r: r.flops), 2 ** 26
+        else:
+            self.side, elements = min(fp32, key=lambda r: abs(math.log2(r.m / 512))), 2 ** 23
+        self.profile = profile
+        a, b = torch.randn(self.side.m, self.side.k, device=device), torch.randn(self.side.k, self.side.n, device=device)
+        x, y, z = (torch.ones(elements, device=device) for _ in range(3))
+        self.added = 3 * x.numel() * 4
+        self.matmul = Sampler(lambda: torch.mm(a, b), device, _SAMPLE)
+        self.add = Sampler(lambda: torch.add(x, y, out=z), device, _SAMPLE)
+        tiny, g = torch.randn(64, device=device, requires_grad=True), torch.randn(64, device=device)
+        self.mul = Sampler(lambda: tiny.mul(2), device, _SAMPLE)
+        self.mul_both = Sampler(lambda: torch.autograd.grad(tiny.mul(2), tiny, g), device, _SAMPLE)
+        self.large = Sampler(_optimizer_step(optimizer, device, [_ELEMENTS]), device, _SAMPLE)
+        self.small = Sampler(_optimizer_step(optimizer, device, [64] * _TENSORS), device, _SAMPLE)
+        through = _reshard_node(device)
+        self.reshard_both = Sampler(lambda: torch.autograd.grad(through(tiny).mul(2), tiny, g), device, _SAMPLE)
+
+    @property
+    def samplers(self) -> list[Sampler]:
+        return [self.matmul, self.add, self.mul, self.mul_both, self.large, self.small, self.reshard_both]
+
+    def scales(self) -> tuple[float, float]:
+        """(matmul, memory) ratios r_here / r_profiled."""
+        here = self.side.flops / self.matmul.seconds()
+        return here / self.side.rate, self.added / self.add.seconds() / self.profile.memory_bandwidth
+
+    def grad_call(self) -> float:
+        return max(self.mul_both.seconds() - 2 * self.mul.seconds(), 0.0)
+
+    def update(self) -> tuple[float, float]:
+        """(seconds per element, seconds per tensor beyond its elements) of one optimizer step, here."""
+        per_element = self.large.seconds() / _ELEMENTS
+        return per_element, max(self.small.seconds() - 64 * _TENSORS * per_element, 0.0) / _TENSORS
+
+    def reshard(self) -> float:
+        return max(self.reshard_both.seconds() - self.mul_both.seconds(), 0.0)
+
+
+def _optimizer_step(optimizer: str, device: torch.device, sizes: list[int]):
+    """One step of `optimizer` (torch's, default settings) over parameters of `sizes`, as a call."""
     params = [torch.nn.Parameter(torch.randn(n, device=device)) for n in sizes]
     for param in params:
         param.grad = torch.randn_like(param)
     make = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
     if optimizer == "momentum":
-        step = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    else:
-        step = make.get(optimizer, torch.optim.AdamW)(params, lr=1e-3)
-    return _fastest(step.step, device)
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9).step
+    return make.get(optimizer, torch.optim.AdamW)(params, lr=1e-3).step
 
 
-def _reshard_overhead(device: torch.device) -> float:
-    """Seconds a `Reshard` node adds to forward and backward, on a one-process world where it moves
-    nothing: both of Reshard(x)·2 − both of x·2 (64 elements)."""
+def _reshard_node(device: torch.device):
+    """A `Reshard` of a one-process world (R → S(0)), which moves nothing."""
     from torch.distributed.tensor import Replicate, Shard
 
     from autopar.runtime.collectives import Reshard, ReshardSpec
@@ -261,54 +372,5 @@ def _reshard_overhead(device: torch.device) -> float:
 
     mesh = LogicalMesh(shape=(1,), devices=(0,))
     world = World(rank=0, size=1, device=device, mesh=mesh, coordinate=(0,), groups=[None])
-    node = Reshard(ReshardSpec(src=(Replicate(),), dst=(Shard(0),), grad_in=(Shard(0),), grad_out=(Replicate(),)),
+    return Reshard(ReshardSpec(src=(Replicate(),), dst=(Shard(0),), grad_in=(Shard(0),), grad_out=(Replicate(),)),
                    world)
-    x = torch.randn(64, device=device, requires_grad=True)
-    g = torch.randn(64, device=device)
-    through = _fastest(lambda: torch.autograd.grad(node(x).mul(2), x, g), device)
-    plain = _fastest(lambda: torch.autograd.grad(x.mul(2), x, g), device)
-    return max(through - plain, 0.0)
-
-
-def _grad_call(device: torch.device) -> float:
-    """Seconds one `torch.autograd.grad` call costs beyond its nodes: both − 2 · forward of x·2
-    (the backward of x·2 is one such multiply), x of 64 elements."""
-    x = torch.randn(64, device=device, requires_grad=True)
-    g = torch.randn(64, device=device)
-    forward = _fastest(lambda: x.mul(2), device)
-    both = _fastest(lambda: torch.autograd.grad(x.mul(2), x, g), device)
-    return max(both - 2 * forward, 0.0)
-
-
-def _scales(profile, device: torch.device) -> tuple[float, float]:
-    """(matmul, memory) ratios r_here / r_profiled of the module docstring."""
-    fp32 = [r for r in profile.matmul if r.dtype == "fp32"]
-    if device.type == "cuda":
-        side, elements = max(fp32, key=lambda r: r.flops), 2 ** 26
-    else:
-        side, elements = min(fp32, key=lambda r: abs(math.log2(r.m / 512))), 2 ** 23
-    a, b = torch.randn(side.m, side.k, device=device), torch.randn(side.k, side.n, device=device)
-    here = side.flops / _fastest(lambda: torch.mm(a, b), device, repeats=15)
-    x, y = torch.ones(elements, device=device), torch.ones(elements, device=device)
-    z = torch.empty_like(x)
-    bandwidth = 3 * x.numel() * 4 / _fastest(lambda: torch.add(x, y, out=z), device, repeats=15)
-    return here / side.rate, bandwidth / profile.memory_bandwidth
-
-
-def _fastest(fn, device: torch.device, repeats: int = 7) -> float:
-    """Seconds per call of `fn`: the fastest of `repeats` samples, each `_SAMPLE` seconds or more of
-    calls in a row. The fastest, not the median: here the op runs alone, and whatever else the
-    machine is doing meanwhile only slows samples down (sharing with other ranks is the profile's
-    part, through the scale)."""
-    def timed(calls: int) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        begin = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - begin) / calls
-
-    calls = max(1, math.ceil(_SAMPLE / max(timed(1), 1e-9)))
-    return min(timed(calls) for _ in range(repeats))

@@ -6,7 +6,7 @@ import torch
 
 import autopar
 from autopar.capture import capture
-from autopar.cost import ops
+from autopar.cost import ops, sampling
 from autopar.passes.sharding import build_problem
 from autopar.passes.strategies import NodeSharding, local_time
 from autopar.vocab import LogicalMesh
@@ -34,21 +34,56 @@ def test_only_a_profile_of_a_device_this_machine_has_is_measured():
     assert ops.op_times(mlp_graph(), None, "adamw") is None
 
 
+class FixedTimer:
+    """A node timer that answers fixed times and samples nothing."""
+
+    samplers = []
+
+    def __init__(self, forward, backward):
+        self.times = (forward, backward)
+
+    def seconds(self, grad_call):
+        return self.times
+
+
+class FixedReference:
+    """`ops._Fixed` with fixed answers: matmul scale 2, memory scale 3."""
+
+    samplers = []
+
+    def __init__(self, profile, device, optimizer):
+        pass
+
+    def scales(self):
+        return 2.0, 3.0
+
+    def grad_call(self):
+        return 0.0
+
+    def update(self):
+        return 1e-9, 1e-5
+
+    def reshard(self):
+        return 1e-6
+
+
 def test_times_are_scaled_to_the_profiled_device(monkeypatch):
     """Nodes that compute scale by the matmul ratio, the others by the bandwidth ratio; one timing
     per distinct op and shapes."""
     calls = []
-    monkeypatch.setattr(ops, "_scales", lambda profile, device: (2.0, 3.0))
-    monkeypatch.setattr(ops, "_time_node", lambda node, grad, device, grad_call, wanted: calls.append(node.name) or (1e-3, 2e-3))
-    monkeypatch.setattr(ops, "_time_update", lambda optimizer, device, sizes: 1e-9 * sum(sizes) + 1e-5 * len(sizes))
+    monkeypatch.setattr(ops, "_Fixed", FixedReference)
+    monkeypatch.setattr(ops, "_node_timer", lambda node, grad, device, wanted, half=False: FixedTimer(6e-4, 1e-3) if half
+                        else calls.append(node.name) or FixedTimer(1e-3, 2e-3))
     captured = mlp_graph()
     times = ops._measure(captured, make_profile(), "adamw", budget=60.0)
     assert times.nodes and set(times.nodes) == set(calls)
     for name, (forward, backward) in times.nodes.items():
         scale = 2.0 if captured.nodes[name].flops else 3.0
         assert (forward, backward) == pytest.approx((1e-3 * scale, 2e-3 * scale))
-    assert times.update == pytest.approx(3e-9 + 1e-5 / ops._ELEMENTS * 3)
-    assert times.per_tensor == pytest.approx(3 * (1e-5 - 1e-5 / ops._ELEMENTS * 64))
+        if name in times.fixed:  # 2 · half − whole, scaled alike
+            assert times.fixed[name] == pytest.approx((2e-4 * scale, 0.0))
+    assert times.fixed and set(times.fixed) <= set(times.nodes)
+    assert (times.update, times.per_tensor, times.reshard) == pytest.approx((3e-9, 3e-5, 3e-6))
     # every aten op the runtime runs is timed, views too (their dispatch, a reshape's copy)
     from autopar.passes.units import roles
     ran = {n.name for n in captured.program.graph.nodes if isinstance(n.target, torch._ops.OpOverload)
@@ -57,11 +92,55 @@ def test_times_are_scaled_to_the_profiled_device(monkeypatch):
     assert any(not (captured.nodes[n].flops or captured.nodes[n].bytes_moved) for n in times.nodes)
 
 
+def test_nodes_and_references_are_sampled_in_turns(monkeypatch):
+    """Every round samples every distinct node and the reference kernels once, so that a drift
+    of the machine's speed lands on one sample of many timings, not on every sample of a few."""
+    order = []
+
+    class Recorded(sampling.Sampler):
+        def sample(self):
+            order.append(self.name)
+            super().sample()
+
+    def named(name):
+        sampler = Recorded(lambda: None, torch.device("cpu"), least=0.0)
+        sampler.name = name
+        return sampler
+
+    rounds = sampling.in_turns([named("a"), named("b"), named("c")], 4)
+    assert rounds == 4 and order == ["a", "b", "c"] * 4
+    order.clear()
+    assert sampling.in_turns([named("a"), named("b")], 4, deadline=0.0) == 1 and order == ["a", "b"]
+
+    seen = []
+    monkeypatch.setattr(ops, "in_turns", lambda samplers, rounds, deadline: seen.append((samplers, rounds)))
+    monkeypatch.setattr(ops, "_Fixed", FixedReference)
+    FixedReference.samplers = ["reference"]
+    monkeypatch.setattr(ops, "_node_timer", lambda node, grad, device, wanted, half=False: FixedTimer(1e-3, 0.0) if
+                        seen.append(node.name) is None else None)
+    try:
+        ops._measure(mlp_graph(), make_profile(), "adamw", budget=60.0)
+    finally:
+        FixedReference.samplers = []
+    (samplers, rounds), = [s for s in seen if isinstance(s, tuple)]
+    assert rounds == ops._ROUNDS and samplers == ["reference"]  # the fake timers bring no samplers
+
+
+def test_a_sample_lasts_long_enough_and_the_mean_drops_the_outer_tenth():
+    sampler = sampling.Sampler(lambda: sum(range(100)), torch.device("cpu"), least=0.002)
+    assert sampler.calls > 1
+    sampling.in_turns([sampler], 5)
+    assert len(sampler.samples) == 5 and 0 < sampler.seconds() < 0.002
+    sampler.samples = [1.0] * 8 + [100.0]
+    assert sampler.seconds() == 1.0
+
+
 def test_the_fixed_cost_of_a_grad_call_is_taken_out_of_each_backward():
     """A step runs one backward over every node: the engine's start, timed once, is not a node's."""
     cpu = torch.device("cpu")
-    fixed = ops._grad_call(cpu)
-    assert 0 < fixed < 1e-3
+    fixed = ops._Fixed(make_profile(), cpu, "adamw")
+    sampling.in_turns(fixed.samplers, 3)
+    assert 0 < fixed.grad_call() < 1e-3
     node = next(n for n in mlp_graph().program.graph.nodes if str(n.target) == "aten.linear.default")
     forward, whole = ops._time_node(node, True, cpu)
     assert forward > 0 and whole > 0
@@ -73,12 +152,12 @@ def test_backward_is_timed_for_the_gradients_the_step_computes(monkeypatch):
     as the weight's and bias's gradients only (one matmul, not two)."""
     wanted, asked, time_node = {}, [], ops._time_node
 
-    def timed(node, requires_grad, device, grad_call, want):
+    def timed(node, requires_grad, device, want, half=False):
         wanted[node.name] = want
-        return 1e-3, 2e-3
+        return FixedTimer(1e-3, 2e-3)
 
-    monkeypatch.setattr(ops, "_scales", lambda profile, device: (1.0, 1.0))
-    monkeypatch.setattr(ops, "_time_node", timed)
+    monkeypatch.setattr(ops, "_Fixed", FixedReference)
+    monkeypatch.setattr(ops, "_node_timer", timed)
     captured = mlp_graph()
     ops._measure(captured, make_profile(), "adamw", budget=60.0)
     graph = captured.program.graph
@@ -89,6 +168,7 @@ def test_backward_is_timed_for_the_gradients_the_step_computes(monkeypatch):
     later = [n for n in graph.nodes if str(n.target) == "aten.linear.default"][1]
     assert later.args[0].name in wanted[later.name]  # an activation: its gradient flows back
 
+    monkeypatch.undo()
     real = torch.autograd.grad
     monkeypatch.setattr(torch.autograd, "grad", lambda outputs, inputs, *a, **k: asked.append(
         [tuple(t.shape) for t in inputs]) or real(outputs, inputs, *a, **k))
@@ -109,6 +189,20 @@ def test_real_timings_of_a_small_graph():
     assert all(f >= 0 and b >= 0 for f, b in times.nodes.values())
 
 
+def test_a_node_timed_on_half_its_batch_gives_what_a_split_does_not_shrink():
+    """A small matmul runs below a large one's rate and every call pays its dispatch: the time a
+    node keeps whatever its split is 2 · t(half its leading dim) − t(whole), between 0 and t."""
+    captured = mlp_graph()
+    times = ops.op_times(captured, make_profile(), "adamw")
+    linears = [n for n in times.nodes if captured.nodes[n].op == "aten.linear.default"]
+    assert linears and set(linears) <= set(times.fixed)
+    for name, fixed in times.fixed.items():
+        assert all(0.0 <= f <= t for f, t in zip(fixed, times.nodes[name]))
+    loss = next(n for n in captured.program.graph.nodes if str(n.target) == "aten.mse_loss.default")
+    assert ops._leading(loss) is None  # a scalar output: nothing to halve
+    assert ops._node_timer(loss, True, torch.device("cpu"), half=True) is None
+
+
 def test_a_measured_node_shares_its_time_but_not_the_fixed_overhead():
     captured = mlp_graph()
     info = next(i for i in captured.nodes.values() if i.op == "aten.linear.default")
@@ -119,6 +213,9 @@ def test_a_measured_node_shares_its_time_but_not_the_fixed_overhead():
     assert local_time(info, whole, (1,), None, "fp32", profile, measured) == pytest.approx(4e-3)
     expected = 2 * 1e-5 + (1e-3 - 1e-5) / 4 + (3e-3 - 1e-5) / 4
     assert local_time(info, split, (4,), None, "fp32", profile, measured) == pytest.approx(expected)
+    own = (4e-4, 1e-3)  # the node's own fixed part, timed on half its batch
+    expected = 4e-4 + (1e-3 - 4e-4) / 4 + 1e-3 + (3e-3 - 1e-3) / 4
+    assert local_time(info, split, (4,), None, "fp32", profile, measured, own) == pytest.approx(expected)
 
 
 def test_grouped_parameters_share_one_latency_per_layer():

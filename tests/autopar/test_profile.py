@@ -13,6 +13,7 @@ from autopar import Cluster
 from autopar.cli import main
 from autopar.cost.comm import CommModel, flat_cost
 from autopar.cost.compute import ComputeModel, roofline_time
+from autopar.cost import sampling
 from autopar.cost.profile import PROFILED, CollectiveFit, MatmulRate, Profile, calibrated, fit_alpha_beta
 from autopar.errors import AutoparError
 from autopar.graph import NodeInfo, TensorMeta
@@ -204,9 +205,9 @@ def test_collectives_take_turns_so_a_burst_slows_one_repeat_of_each(monkeypatch)
 def test_a_collective_is_timed_by_its_trimmed_mean():
     """A step pays the mean of its collectives, tail included; only the outer tenth is dropped."""
     slow_tail = [1.0] * 12 + [3.0, 3.0, 9.0]
-    assert profile_collectives.trimmed_mean(slow_tail) == pytest.approx((10 * 1.0 + 3.0) / 11)  # 2 dropped each side
-    assert profile_collectives.trimmed_mean([1.0, 2.0, 30.0]) == 2.0
-    assert profile_collectives.trimmed_mean([1.0, 3.0]) == 2.0
+    assert sampling.trimmed_mean(slow_tail) == pytest.approx((10 * 1.0 + 3.0) / 11)  # 2 dropped each side
+    assert sampling.trimmed_mean([1.0, 2.0, 30.0]) == 2.0
+    assert sampling.trimmed_mean([1.0, 3.0]) == 2.0
 
 
 def _fake_clock(monkeypatch):

@@ -1,0 +1,79 @@
+"""Timings that take turns: several calls sampled round by round, each figure the trimmed mean of
+its samples (`cost.ops`, the profiler's kernels and collectives).
+
+A shared machine's speed drifts over seconds: on a 2-core virtual machine the fastest of seven
+6 ms samples of a 512³ matmul read 92 to 156 GFLOP/s within half a minute, while the bandwidth of
+a large add stayed within 11.4–13.7 GB/s. Timing one call after another gives each call its own
+moment of the machine (summed over a graph's nodes, the fastest-of-seven totals of one model read
+41.9 to 60.9 ms in three processes a minute apart); timing every call once per round spreads each
+call's samples over the whole window, so that calls timed together are timed alike, and the
+reference kernels that scale them (`cost.ops`) see the same machine as the nodes they scale.
+
+The trimmed mean, not the fastest sample: a step pays each op's mean time, and the drift is part
+of it (a model's eager step, one process: 50.9 ms median, against 50.9 ms for its nodes' median
+samples in turns and 41.9 ms for their fastest ones). Trimmed: the slowest and fastest tenth,
+where another program's burst lands, are dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+
+def trimmed_mean(values: Sequence[float], share: float = 0.1) -> float:
+    """The mean of `values` less the ceil(share · n) smallest and as many largest (none of fewer
+    than 3 values)."""
+    ordered = sorted(values)
+    k = math.ceil(share * len(ordered)) if len(ordered) >= 3 else 0
+    return statistics.fmean(ordered[k:len(ordered) - k])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_of(fn: Callable[[], object], device: torch.device, calls: int) -> float:
+    """Seconds per call over `calls` calls of `fn` in a row (the device synchronized around them)."""
+    _sync(device)
+    begin = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - begin) / calls
+
+
+class Sampler:
+    """One call timed in turns with others: `sample()` times `calls` calls in a row, enough to last
+    `least` seconds (from one first call, made here: a call that fails raises here), and
+    `seconds()` is the trimmed mean of the samples so far."""
+
+    def __init__(self, fn: Callable[[], object], device: torch.device, least: float = 0.005):
+        self.fn, self.device = fn, device
+        self.calls = max(1, math.ceil(least / max(seconds_of(fn, device, 1), 1e-9)))
+        self.samples: list[float] = []
+
+    def sample(self) -> None:
+        self.samples.append(seconds_of(self.fn, self.device, self.calls))
+
+    def seconds(self) -> float:
+        return trimmed_mean(self.samples)
+
+
+def in_turns(samplers: Sequence[Sampler], rounds: int, *, deadline: float | None = None) -> int:
+    """Samples every sampler once per round, for `rounds` rounds or until a round would end after
+    `deadline` (time.perf_counter), whichever is first (always one round); returns the rounds run."""
+    done, began = 0, time.perf_counter()
+    while done < rounds:
+        for sampler in samplers:
+            sampler.sample()
+        done += 1
+        now = time.perf_counter()
+        if deadline is not None and now + (now - began) / done > deadline:
+            break
+    return done
