@@ -224,8 +224,9 @@ class AccuracyRow:
 
     @property
     def fastest_error(self) -> float:
-        """The time error against the fastest round: the step as the cost model prices it, each node
-        at the fastest of its samples (`cost.ops._fastest`), with what else the machine did left out."""
+        """The time error against the fastest round: the step with the least of what else the
+        machine was doing (the cost model prices each node at the mean of its samples,
+        `cost.sampling`)."""
         fastest = min(self.rounds) if self.rounds else self.measured_time
         return abs(self.predicted_time - fastest) / fastest
 

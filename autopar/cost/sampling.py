@@ -10,8 +10,8 @@ call's samples over the whole window, so that calls timed together are timed ali
 reference kernels that scale them (`cost.ops`) see the same machine as the nodes they scale.
 
 The trimmed mean, not the fastest sample: a step pays each op's mean time, and the drift is part
-of it (a model's eager step, one process: 50.9 ms median, against 50.9 ms for its nodes' median
-samples in turns and 41.9 ms for their fastest ones). Trimmed: the slowest and fastest tenth,
+of it (a model's eager step, one process: 50.9 ms median; its nodes' samples taken in turns alongside:
+50.9 ms at their medians, 52.5 ms at their means; at their fastest, one node after another: 41.9 ms). Trimmed: the slowest and fastest tenth,
 where another program's burst lands, are dropped.
 """
 
