@@ -42,12 +42,12 @@ import torch
 import torch.distributed as dist
 
 from autopar.cost.profile import MatmulRate, Profile, calibrated
-from autopar.cost.sampling import Sampler, in_turns, seconds_of
+from autopar.cost.sampling import Sampler, in_turns
 from autopar.errors import AutoparError
 from autopar.progress import Bar
 from autopar.runtime.launch import CPU_ONLY, add_device_argument, check_local_ranks
 from autopar.runtime.profile_collectives import group_sizes, measure_collectives, rounds
-from autopar.runtime.timing import max_over_ranks, median_seconds
+from autopar.runtime.timing import max_over_ranks, median_seconds, seconds_per_call
 from autopar.runtime.world import free_port
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def measure_matmul(settings: Settings, device: torch.device, dtypes: list[str],
             b = torch.randn(s, s, device=device).to(_TORCH_DTYPES[dtype])
             call = _matmul(a, b, dtype, device)
             call()  # the first call sets the kernel up
-            once = max_over_ranks([seconds_of(call, device, 1)], device)[0]
+            once = max_over_ranks([seconds_per_call(call, device, 1)], device)[0]
             samplers.append(Sampler(call, device, max(settings.sample, 1e-3)))
             shapes.append((dtype, s))
             following = settings.sides[i + 1] if i + 1 < len(settings.sides) else None

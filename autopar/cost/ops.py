@@ -29,8 +29,11 @@ taken from the profile and measured here in the nodes' rounds. On a CPU the matm
 profile's nearest to 512×512×512 and the add 2²³ elements; on a GPU the profile's largest matmul
 and 2²⁶ elements, since smaller ones time the launch and the L2 cache, not the device (50 MB of
 L2 on an H100).
-A node's share on `p` devices is o + (t − o) / p, o the profile's kernel overhead
-(`strategies.local_time`). Nodes too large to time here (over `_LARGEST` bytes or `_LONGEST`
+A node's share on `p` devices is o + (t − o) / p (`strategies.local_time`), o what a split does
+not shrink: each node is timed again on half its leading dim, every input that shares it halved
+as a batch split makes it (`_node_timer`'s `half`), and o = 2 · t_half − t, between 0 and t
+(`OpTimes.fixed`: a smaller matmul's lower rate, every call's dispatch); the profile's kernel
+overhead for a node without such a dim. Nodes too large to time here (over `_LARGEST` bytes or `_LONGEST`
 seconds predicted) and nodes whose op fails on random inputs keep the FLOPs-and-bytes price; so
 does every node left once `budget` / `_ROUNDS` seconds are spent preparing them (each costs as
 much again every round), and the rounds stop early where the next would end after `budget`.
@@ -73,7 +76,7 @@ _SAMPLE = 0.005
 _ROUNDS = 7
 """Samples of every timing, one per round (`cost.sampling.in_turns`)."""
 _ROTATE = 8 * 2 ** 20
-"""Bytes of input copies a node's timing takes turns over: beyond a core's cache (`_time_node`)."""
+"""Bytes of input copies a node's timing takes turns over: beyond a core's cache (`_node_timer`)."""
 _COPIES = 16
 """At most this many copies."""
 
@@ -93,7 +96,7 @@ class OpTimes:
     Python, both ways."""
     fixed: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Per node, the (forward, backward) seconds that do not shrink when its work is split: from
-    the node timed again on half its leading dim, t_fixed = 2 · t_half − t (`_half`)."""
+    the node timed again on half its leading dim, t_fixed = 2 · t_half − t (`_node_timer`'s `half`)."""
     seconds: float = 0.0
     """How long the timing took."""
 

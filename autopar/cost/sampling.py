@@ -24,6 +24,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from autopar.runtime.timing import seconds_per_call
+
 
 def trimmed_mean(values: Sequence[float], share: float = 0.1) -> float:
     """The mean of `values` less the ceil(share · n) smallest and as many largest (none of fewer
@@ -33,21 +35,6 @@ def trimmed_mean(values: Sequence[float], share: float = 0.1) -> float:
     return statistics.fmean(ordered[k:len(ordered) - k])
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def seconds_of(fn: Callable[[], object], device: torch.device, calls: int) -> float:
-    """Seconds per call over `calls` calls of `fn` in a row (the device synchronized around them)."""
-    _sync(device)
-    begin = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - begin) / calls
-
-
 class Sampler:
     """One call timed in turns with others: `sample()` times `calls` calls in a row, enough to last
     `least` seconds (from one first call, made here: a call that fails raises here), and
@@ -55,11 +42,11 @@ class Sampler:
 
     def __init__(self, fn: Callable[[], object], device: torch.device, least: float = 0.005):
         self.fn, self.device = fn, device
-        self.calls = max(1, math.ceil(least / max(seconds_of(fn, device, 1), 1e-9)))
+        self.calls = max(1, math.ceil(least / max(seconds_per_call(fn, device, 1), 1e-9)))
         self.samples: list[float] = []
 
     def sample(self) -> None:
-        self.samples.append(seconds_of(self.fn, self.device, self.calls))
+        self.samples.append(seconds_per_call(self.fn, self.device, self.calls))
 
     def seconds(self) -> float:
         return trimmed_mean(self.samples)
