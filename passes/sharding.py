@@ -18,11 +18,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
+import torch.fx as fx
+
 from autopar.cluster import Cluster
 from autopar.cost.comm import CommModel
 from autopar.cost.compute import DTYPE_NAMES
 from autopar.cost.memory import state_bytes_per_param
-from autopar.cost.ops import op_times
+from autopar.cost.ops import op_times, shard_times
 from autopar.graph import CapturedGraph
 from autopar.vocab import R, LogicalMesh, Placements, shard_count
 from autopar.passes.reshard import Resharder, moves
@@ -114,6 +117,9 @@ class Context:
     ops: object
     """`cost.ops.OpTimes` measured on this machine for a profiled cluster, or None."""
     fx_nodes: dict
+    shards: dict = field(default_factory=dict)
+    """(node, its tensor arguments' shard shapes) → (forward, backward) seconds of the op on those
+    shards (`cost.ops.shard_times`): the matmul-like nodes, on every split their rules allow."""
     unit_of: dict[str, int] = field(default_factory=dict)
     owner: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     """Parameter placeholder → (unit, member position, argument position) of its first use."""
@@ -145,6 +151,8 @@ def build_problem(captured: CapturedGraph, mesh: LogicalMesh, cluster: Cluster,
     ctx = Context(captured=captured, roles=graph_roles, mesh=mesh, resharder=Resharder(mesh, CommModel(cluster)),
                   device=cluster.device, profile=cluster.profile, options=options,
                   ops=op_times(captured, cluster.profile, options.optimizer), fx_nodes={n.name: n for n in captured.program.graph.nodes}, unit_of=unit_of)
+    if ctx.ops is not None:
+        ctx.shards = shard_times(captured, cluster.profile, _shard_requests(ctx))
     _find_owners(ctx, units)
     _count_layer_mates(ctx)
     counts: dict[int, int] = {}
@@ -163,6 +171,32 @@ def build_problem(captured: CapturedGraph, mesh: LogicalMesh, cluster: Cluster,
     return ShardingProblem(captured=captured, mesh=mesh, cluster=cluster, options=options, units=units,
                            strategies=strategies, counts=counts, edges=edges, budget=budget, fixed_memory=fixed,
                            context=ctx, warnings=warnings)
+
+
+def _shard_shapes(node: fx.Node, sharding: NodeSharding, mesh_shape) -> tuple[tuple[int, ...], ...] | None:
+    """Each tensor argument's local shape as the op consumes it under `sharding`; None when an
+    argument is not one tensor."""
+    values = [a.meta["val"] for a in tensor_args(node)]
+    if not all(isinstance(v, torch.Tensor) for v in values):
+        return None
+    return tuple(tuple(n // shard_count(placed, mesh_shape, d) for d, n in enumerate(v.shape))
+                 for v, placed in zip(values, sharding.inputs))
+
+
+def _shard_requests(ctx: Context) -> dict[str, set]:
+    """The shard shapes to time (`Context.shards`): every split of every timed node that does
+    FLOPs, as its one-axis rules combine on this mesh."""
+    out: dict[str, set] = {}
+    for name, info in ctx.captured.nodes.items():
+        if not info.flops or name not in ctx.ops.nodes:
+            continue
+        node = ctx.fx_nodes[name]
+        shapes = {_shard_shapes(node, sharding, ctx.mesh.shape) for sharding in leader_options(node, ctx.mesh.shape)}
+        shapes -= {None, _shard_shapes(node, NodeSharding(inputs=tuple((R,) * len(ctx.mesh.shape) for _ in
+                                                                         tensor_args(node)), outputs=()), ctx.mesh.shape)}
+        if shapes:
+            out[name] = shapes
+    return out
 
 
 def _find_owners(ctx: Context, units: list[Unit]) -> None:
@@ -260,7 +294,9 @@ def _price_members(ctx: Context, unit: Unit, strategy: Strategy) -> None:
             dtype = "fp32"
         measured = ctx.ops.nodes.get(name) if ctx.ops is not None else None
         fixed = ctx.ops.fixed.get(name) if ctx.ops is not None else None
-        strategy.compute += local_time(info, sharding, shape, ctx.device, dtype, ctx.profile, measured, fixed)
+        local = ctx.shards.get((name, _shard_shapes(ctx.fx_nodes[name], sharding, shape))) if info.flops else None
+        strategy.compute += local_time(info, sharding, shape, ctx.device, dtype, ctx.profile, measured, fixed,
+                                       local)
         strategy.activations += saved_memory(info, sharding, shape)
         for axis, kind in enumerate(sharding.kinds):
             if kind in _INTERNAL:

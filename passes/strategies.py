@@ -190,7 +190,8 @@ def saved_memory(node_info, sharding: NodeSharding, mesh_shape) -> float:
 
 
 def local_time(node_info, sharding: NodeSharding, mesh_shape, device, dtype: str, profile=None,
-               measured: tuple[float, float] | None = None, fixed: tuple[float, float] | None = None) -> float:
+               measured: tuple[float, float] | None = None, fixed: tuple[float, float] | None = None,
+               local: tuple[float, float] | None = None) -> float:
     """Forward + backward of one node on its shard: the work divided where the op splits it
     (`cost.compute.kernel_time`: the roofline, or the cluster's profile when it has one). `measured`:
     the node's whole (forward, backward) seconds timed on the device (`cost.ops`); its share is then
@@ -198,7 +199,10 @@ def local_time(node_info, sharding: NodeSharding, mesh_shape, device, dtype: str
     on half its batch, `cost.ops.OpTimes.fixed`: dispatch, autograd, a smaller matmul's lower
     rate), or else the profile's kernel overhead; every part pays it whole. A view's
     measured time is its dispatch (and, from non-contiguous memory, a reshape's copy); unmeasured,
-    it is free."""
+    it is free. `local`: the op's (forward, backward) seconds timed on this sharding's shards
+    (`cost.ops.shard_times`), which is its share outright."""
+    if local is not None:
+        return local[0] + (local[1] if node_info.requires_grad else 0.0)
     if measured is None and node_info.flops == 0 and node_info.bytes_moved == 0:
         return 0.0
     parts_ = parts(sharding, mesh_shape)

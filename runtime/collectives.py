@@ -12,6 +12,7 @@ n for each such axis of `dst` and by 1/n for each of `src`.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -65,12 +66,18 @@ def _pad(x: torch.Tensor, dim: int, world: World, axis: int) -> torch.Tensor:
     return torch.cat(pieces, dim=dim)
 
 
+@functools.lru_cache(maxsize=None)
+def _steps(src: Placements, dst: Placements) -> tuple:
+    """`steps`, planned once per pair: a step runs them every time a tensor changes placement."""
+    return tuple(steps(src, dst))
+
+
 def transform(x: torch.Tensor, src: Placements, dst: Placements, world: World) -> torch.Tensor:
     """The local shard of the same global tensor in placement `dst`: the steps `passes.reshard.steps`
     plans (and the cost model prices), executed."""
     if src == dst or world.size == 1:
         return x
-    for step in steps(src, dst):
+    for step in _steps(src, dst):
         a = step.axis
         if step.kind == "all_to_all":
             x = _all_to_all(x, step.source_dim, step.dim, world, a)

@@ -45,9 +45,11 @@ on a CPU the foreach kernels loop over the tensors, a dozen small kernels each):
 
     t_update(tensor) = per_tensor + elements · update
 
-One placement change of the lowered program (`runtime.collectives.Reshard`) is timed on a
-one-process world, where it moves nothing: what its autograd function adds, run from Python both
-ways (`OpTimes.reshard`), priced on every edge where the runtime makes one.
+One placement change of the lowered program (`runtime.collectives.Reshard`) is timed in one
+process as rank 0 of a two-way axis, on a change whose steps are local both ways (a cut forward, a
+zero padding of the gradient back): what its autograd function and its steps add, run from Python
+both ways, beyond the bytes it copies and the collectives it runs (`OpTimes.reshard`), priced on
+every edge where the runtime makes one.
 """
 
 from __future__ import annotations
@@ -124,14 +126,67 @@ def op_times(captured: CapturedGraph, profile, optimizer: str, *, budget: float 
     return _CACHE[key]
 
 
+_SHARDS: dict[tuple, tuple[float, float] | None] = {}
+
+
+def shard_times(captured: CapturedGraph, profile, shards: dict[str, set[tuple]], *,
+                budget: float = 10.0) -> dict[tuple[str, tuple], tuple[float, float]]:
+    """(forward, backward) seconds on the profiled device of nodes as one device of a split runs
+    them: node `name` on each of `shards[name]`, a shape per tensor argument. Timed as `op_times`
+    times a node (in turns, with the reference kernels in the same rounds, scaled alike), once per
+    distinct (op, shard shapes, gradients wanted) and profile; none when `profile` is of a device
+    this machine lacks. What `budget` leaves untimed is missing from the answer.
+
+    A split's share of a matmul is not its whole time over the ways: the shard's own shape sets
+    its rate (a row-parallel linear halves its inner dim, which a small matmul feels more than
+    half its rows), which the fit o + (t − o) / p from the node's halved batch cannot see."""
+    if not measurable(profile):
+        return {}
+    start = time.perf_counter()
+    device = _device(profile)
+    differentiable = _differentiable(captured)
+    fx_nodes = {n.name: n for n in captured.program.graph.nodes}
+    key_of, pending, computes = {}, {}, {}
+    for name in sorted(shards):
+        node, info = fx_nodes[name], captured.nodes[name]
+        grads = tuple(a.name in differentiable for a in _nodes_of(node))
+        wanted = frozenset(a.name for a in _nodes_of(node) if a.name in differentiable)
+        for shapes in sorted(shards[name]):
+            key = (profile, _key(node), grads, shapes)
+            key_of[(name, shapes)] = key
+            if key in _SHARDS or key in pending or time.perf_counter() - start > budget / _ROUNDS:
+                continue
+            pending[key] = _node_timer(node, info.requires_grad, device, wanted, shapes=shapes)
+            computes[key] = bool(info.flops)
+    live = [t for t in pending.values() if t is not None]
+    if live:
+        reference = _Reference(profile, device)
+        in_turns(reference.samplers + [s for t in live for s in t.samplers], _ROUNDS, deadline=start + budget)
+        matmul_scale, memory_scale = reference.scales()
+        grad_call = reference.grad_call()
+    for key, timer in pending.items():
+        scale = matmul_scale if computes[key] else memory_scale
+        _SHARDS[key] = None if timer is None else tuple(t * scale for t in timer.seconds(grad_call))
+    return {where: _SHARDS[key] for where, key in key_of.items() if _SHARDS.get(key) is not None}
+
+
+def _device(profile) -> torch.device:
+    return torch.device("cuda" if profile.backend == "nccl" else "cpu")
+
+
+def _differentiable(captured: CapturedGraph) -> set[str]:
+    """Names of the nodes and parameter placeholders whose gradient a step computes."""
+    out = {n for n, info in captured.nodes.items() if info.requires_grad}
+    return out | {p.placeholder for p in captured.params.values() if p.requires_grad}
+
+
 def _measure(captured: CapturedGraph, profile, optimizer: str, budget: float) -> OpTimes:
     from autopar.passes.units import roles
 
     start = time.perf_counter()
     ignored = roles(captured).ignored
-    differentiable = {n for n, info in captured.nodes.items() if info.requires_grad}
-    differentiable |= {p.placeholder for p in captured.params.values() if p.requires_grad}
-    device = torch.device("cuda" if profile.backend == "nccl" else "cpu")
+    differentiable = _differentiable(captured)
+    device = _device(profile)
     fixed = _Fixed(profile, device, optimizer)
     timers: dict[tuple, _NodeTimer | None] = {}
     halves: dict[tuple, _NodeTimer | None] = {}
@@ -187,14 +242,17 @@ def _key(node: torch.fx.Node) -> tuple:
     return (str(node.target), tuple(describe(a) for a in pytree.tree_leaves((node.args, node.kwargs))))
 
 
-def _real(value, device: torch.device, halve: int | None = None):
+def _real(value, device: torch.device, halve: int | None = None, shape: tuple[int, ...] | None = None):
     """A random tensor like the fake `value`, with its strides (integer ones zero: valid indices and
     class targets). Strides matter: an add or a multiply reading a transposed view (attention's
     heads, a rotary embedding's halves) runs several times slower than on contiguous memory, and a
-    reshape of one copies."""
+    reshape of one copies. `shape`: a shard's shape instead, its dims laid out in the same order."""
     if not isinstance(value, torch.Tensor):
         return value
-    shape, stride = tuple(value.shape), tuple(value.stride())
+    stride = tuple(value.stride())
+    if shape is not None and tuple(shape) != tuple(value.shape):
+        stride = _strides_in_order(stride, shape)
+    shape = tuple(value.shape) if shape is None else tuple(shape)
     if halve is not None and shape and shape[0] == halve:
         shape = (halve // 2,) + shape[1:]
     size = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
@@ -203,6 +261,17 @@ def _real(value, device: torch.device, halve: int | None = None):
     else:
         base = torch.zeros(size, dtype=value.dtype, device=device)
     return base.as_strided(shape, stride)
+
+
+def _strides_in_order(stride: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Dense strides for `shape` whose dims lie in memory in the order `stride` lays them (a
+    transposed view's shard is transposed too)."""
+    order = sorted(range(len(shape)), key=lambda d: (stride[d], -d))  # innermost first
+    out, step = [0] * len(shape), 1
+    for d in order:
+        out[d] = step
+        step *= max(shape[d], 1)
+    return tuple(out)
 
 
 class _NodeTimer:
@@ -225,7 +294,8 @@ class _NodeTimer:
 
 
 def _node_timer(node: torch.fx.Node, requires_grad: bool, device: torch.device,
-                wanted: frozenset[str] | None = None, half: bool = False) -> _NodeTimer | None:
+                wanted: frozenset[str] | None = None, half: bool = False,
+                shapes: tuple[tuple[int, ...], ...] | None = None) -> _NodeTimer | None:
     """The node's op on random inputs, ready to be sampled; None when it fails on them.
     `wanted`: the inputs whose gradient the step's backward computes (None: every floating one).
     The others are constants to backward: the first linear's batch, a rotary embedding's cos and
@@ -236,15 +306,24 @@ def _node_timer(node: torch.fx.Node, requires_grad: bool, device: torch.device,
     moment ago from its core's own cache.
 
     `half`: every input whose leading dim is the output's (an even one) gets half of it, as a
-    split of the batch makes it; None when the output has no such dim or the op fails so."""
+    split of the batch makes it; None when the output has no such dim or the op fails so.
+    `shapes`: the shape of each tensor argument (flattened order, repeats kept) as a shard, to time
+    the op as one device of a split runs it."""
     halve = _leading(node) if half else None
     if half and halve is None:
         return None
-    real = lambda a: _real(a.meta.get("val"), device, halve) if isinstance(a, torch.fx.Node) else a  # noqa: E731
-    first = pytree.tree_map(real, (node.args, node.kwargs))
+
+    def leaves():
+        flat, spec = pytree.tree_flatten((node.args, node.kwargs))
+        places = iter(shapes) if shapes is not None else itertools.repeat(None)
+        made = [_real(a.meta.get("val"), device, halve,
+                      next(places) if isinstance(a.meta.get("val"), torch.Tensor) else None)
+                if isinstance(a, torch.fx.Node) else a for a in flat]
+        return pytree.tree_unflatten(made, spec)
+
+    first = leaves()
     held = sum(t.numel() * t.element_size() for t in pytree.tree_leaves(first) if isinstance(t, torch.Tensor))
-    copies = [first] + [pytree.tree_map(real, (node.args, node.kwargs))
-                        for _ in range(min(_COPIES, _ROTATE // max(held, 1)) - 1)]
+    copies = [first] + [leaves() for _ in range(min(_COPIES, _ROTATE // max(held, 1)) - 1)]
     turn = itertools.cycle(copies)
 
     def run():
@@ -304,16 +383,46 @@ def _time_node(node: torch.fx.Node, requires_grad: bool, device: torch.device, g
 class _Fixed:
     """What every graph's timing needs besides its nodes, sampled in the same rounds:
 
-    - the reference matmul and add whose rates here, against the profile's, scale every node
-      (`scales`, the module docstring's r_here / r_profiled);
-    - one `torch.autograd.grad` call's fixed cost: both − 2 · forward of x·2 (the backward of x·2
-      is one such multiply), x of 64 elements (`grad_call`);
+    - the reference kernels and one `torch.autograd.grad` call's fixed cost (`_Reference`);
     - one step of the plan's optimizer (torch's, default settings) over `_ELEMENTS` parameters and
       over `_TENSORS` parameters of 64 elements (`update`);
-    - a `Reshard` node on a one-process world, where it moves nothing: both of Reshard(x)·2 − both
-      of x·2, 64 elements (`reshard`)."""
+    - a `Reshard` node run as rank 0 of a two-way axis with local steps both ways (`_reshard_node`):
+      both of Reshard(x)·2 − both of x·2, 64 elements (`reshard`)."""
 
     def __init__(self, profile, device: torch.device, optimizer: str):
+        self.reference = _Reference(profile, device)
+        tiny, g = self.reference.tiny, self.reference.g
+        self.large = Sampler(_optimizer_step(optimizer, device, [_ELEMENTS]), device, _SAMPLE)
+        self.small = Sampler(_optimizer_step(optimizer, device, [64] * _TENSORS), device, _SAMPLE)
+        through = _reshard_node(device)
+        half = g[:32]
+        self.reshard_both = Sampler(lambda: torch.autograd.grad(through(tiny).mul(2), tiny, half), device, _SAMPLE)
+
+    @property
+    def samplers(self) -> list[Sampler]:
+        return self.reference.samplers + [self.large, self.small, self.reshard_both]
+
+    def scales(self) -> tuple[float, float]:
+        return self.reference.scales()
+
+    def grad_call(self) -> float:
+        return self.reference.grad_call()
+
+    def update(self) -> tuple[float, float]:
+        """(seconds per element, seconds per tensor beyond its elements) of one optimizer step, here."""
+        per_element = self.large.seconds() / _ELEMENTS
+        return per_element, max(self.small.seconds() - 64 * _TENSORS * per_element, 0.0) / _TENSORS
+
+    def reshard(self) -> float:
+        return max(self.reshard_both.seconds() - self.reference.mul_both.seconds(), 0.0)
+
+
+class _Reference:
+    """The reference matmul and add whose rates here, against the profile's, scale every timing
+    (`scales`, the module docstring's r_here / r_profiled), and one `torch.autograd.grad` call's
+    fixed cost: both − 2 · forward of x·2, x of 64 elements (`grad_call`)."""
+
+    def __init__(self, profile, device: torch.device):
         fp32 = [r for r in profile.matmul if r.dtype == "fp32"]
         if device.type == "cuda":
             self.side, elements = max(fp32, key=lambda r: r.flops), 2 ** 26
@@ -325,17 +434,13 @@ class _Fixed:
         self.added = 3 * x.numel() * 4
         self.matmul = Sampler(lambda: torch.mm(a, b), device, _SAMPLE)
         self.add = Sampler(lambda: torch.add(x, y, out=z), device, _SAMPLE)
-        tiny, g = torch.randn(64, device=device, requires_grad=True), torch.randn(64, device=device)
-        self.mul = Sampler(lambda: tiny.mul(2), device, _SAMPLE)
-        self.mul_both = Sampler(lambda: torch.autograd.grad(tiny.mul(2), tiny, g), device, _SAMPLE)
-        self.large = Sampler(_optimizer_step(optimizer, device, [_ELEMENTS]), device, _SAMPLE)
-        self.small = Sampler(_optimizer_step(optimizer, device, [64] * _TENSORS), device, _SAMPLE)
-        through = _reshard_node(device)
-        self.reshard_both = Sampler(lambda: torch.autograd.grad(through(tiny).mul(2), tiny, g), device, _SAMPLE)
+        self.tiny, self.g = torch.randn(64, device=device, requires_grad=True), torch.randn(64, device=device)
+        self.mul = Sampler(lambda: self.tiny.mul(2), device, _SAMPLE)
+        self.mul_both = Sampler(lambda: torch.autograd.grad(self.tiny.mul(2), self.tiny, self.g), device, _SAMPLE)
 
     @property
     def samplers(self) -> list[Sampler]:
-        return [self.matmul, self.add, self.mul, self.mul_both, self.large, self.small, self.reshard_both]
+        return [self.matmul, self.add, self.mul, self.mul_both]
 
     def scales(self) -> tuple[float, float]:
         """(matmul, memory) ratios r_here / r_profiled."""
@@ -344,14 +449,6 @@ class _Fixed:
 
     def grad_call(self) -> float:
         return max(self.mul_both.seconds() - 2 * self.mul.seconds(), 0.0)
-
-    def update(self) -> tuple[float, float]:
-        """(seconds per element, seconds per tensor beyond its elements) of one optimizer step, here."""
-        per_element = self.large.seconds() / _ELEMENTS
-        return per_element, max(self.small.seconds() - 64 * _TENSORS * per_element, 0.0) / _TENSORS
-
-    def reshard(self) -> float:
-        return max(self.reshard_both.seconds() - self.mul_both.seconds(), 0.0)
 
 
 def _optimizer_step(optimizer: str, device: torch.device, sizes: list[int]):
@@ -366,14 +463,17 @@ def _optimizer_step(optimizer: str, device: torch.device, sizes: list[int]):
 
 
 def _reshard_node(device: torch.device):
-    """A `Reshard` of a one-process world (R → S(0)), which moves nothing."""
-    from torch.distributed.tensor import Replicate, Shard
+    """A `Reshard` as rank 0 of a two-way axis runs it, whose steps are local both ways: R → S(0)
+    forward (a cut), its gradient S(0) → P back (this rank's piece padded with zeros). It runs
+    what every placement change runs (the autograd function, its steps, their dispatch) with no
+    collective, which needs no process group."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
 
     from autopar.runtime.collectives import Reshard, ReshardSpec
     from autopar.runtime.world import World
     from autopar.vocab import LogicalMesh
 
-    mesh = LogicalMesh(shape=(1,), devices=(0,))
-    world = World(rank=0, size=1, device=device, mesh=mesh, coordinate=(0,), groups=[None])
-    return Reshard(ReshardSpec(src=(Replicate(),), dst=(Shard(0),), grad_in=(Shard(0),), grad_out=(Replicate(),)),
+    mesh = LogicalMesh(shape=(2,), devices=(0, 1))
+    world = World(rank=0, size=2, device=device, mesh=mesh, coordinate=(0,), groups=[None])
+    return Reshard(ReshardSpec(src=(Replicate(),), dst=(Shard(0),), grad_in=(Shard(0),), grad_out=(Partial(),)),
                    world)

@@ -1,12 +1,15 @@
 """Measured op times (`cost.ops`): which clusters get them, how they are scaled and shared, and the
 per-layer latency share of grouped (ZeRO/FSDP) parameters."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import autopar
 from autopar.capture import capture
 from autopar.cost import ops, sampling
+from autopar.passes.rules import tensor_args
 from autopar.passes.sharding import build_problem
 from autopar.passes.strategies import NodeSharding, local_time
 from autopar.vocab import LogicalMesh
@@ -234,3 +237,36 @@ def test_grouped_parameters_share_one_latency_per_layer():
         n for n in problem.context.fx_nodes if problem.context.fx_nodes[n].op == "call_function"
         and p in [a.name for a in problem.context.fx_nodes[n].all_input_nodes])].layer is not None}
     assert len(per_layer) == 1 and per_layer.pop() > 4  # every block holds the same parameters
+
+
+def test_a_matmul_is_timed_on_the_shards_each_split_gives_it():
+    """Every split a linear's rules allow on the mesh is timed on the shard shapes one device
+    runs (a row-parallel linear on half its inner dim, not half its batch), once per distinct
+    shapes, and the planner takes that as the split's share outright."""
+    captured = mlp_graph()
+    profile = make_profile()
+    problem = build_problem(captured, LogicalMesh(shape=(2,), devices=(0, 1)),
+                            dataclasses.replace(autopar.Cluster.preset("cpu", gpus_per_node=2), profile=profile))
+    ctx = problem.context
+    linear = next(n for n, i in captured.nodes.items() if i.op == "aten.linear.default")
+    x, w, *b = (tuple(a.meta["val"].shape) for a in tensor_args(ctx.fx_nodes[linear]))
+    row = ((x[0], x[1] // 2), (w[0], w[1] // 2), *b)  # the inner dim split: a partial sum
+    column = (x, (w[0] // 2, w[1]), *((n // 2,) for n, in b))
+    batch = ((x[0] // 2, x[1]), w, *b)
+    timed = {shapes for name, shapes in ctx.shards if name == linear}
+    assert {row, column, batch} <= timed and (x, w, *b) not in timed
+    assert all(f > 0 and bw > 0 for f, bw in ctx.shards.values())
+    before = len(ops._SHARDS)
+    again = ops.shard_times(captured, profile, {linear: {row}})
+    assert len(ops._SHARDS) == before and again[(linear, row)] == ctx.shards[(linear, row)]  # timed once
+    info = captured.nodes[linear]
+    split = NodeSharding(inputs=(), outputs=((Shard(0),),))
+    assert local_time(info, split, (2,), None, "fp32", profile, (1.0, 1.0), None, (2e-4, 5e-4)) == pytest.approx(7e-4)
+
+
+def test_a_shard_keeps_the_order_its_dims_lie_in_memory():
+    transposed = torch.empty(6, 4).t()  # shape (4, 6), strides (1, 4)
+    assert ops._strides_in_order(transposed.stride(), (4, 3)) == (1, 4)
+    assert ops._strides_in_order((12, 4, 1), (2, 3, 2)) == (6, 2, 1)
+    value = torch.empty(8, 4, device="meta").t()
+    assert ops._real(value, torch.device("cpu"), shape=(2, 8)).stride() == (1, 2)
