@@ -7,12 +7,12 @@ runs two matmuls with transposed operands, attention's softmax is several passes
 cluster's profile was measured on a device of this machine's kind (gloo: a CPU; NCCL: a GPU here),
 the planner times every node of the graph instead, once per distinct (op, argument shapes and
 dtypes, constants), on random inputs of the node's shapes and strides, taking turns over copies
-of them beyond a core's cache (`_node_timer`); views too, for their dispatch and a reshape's copy:
+of them beyond a core's cache (`timers.node_timer`); views too, for their dispatch and a reshape's copy:
 
     forward  = mean time of the op
     backward = mean time of the op and its `torch.autograd.grad` − forward − g
 
-each mean a trimmed mean of `_ROUNDS` samples taken in turns: every round samples every distinct
+each mean a trimmed mean of `timers.ROUNDS` samples taken in turns: every round samples every distinct
 node once, with the reference kernels and fixed costs below (`cost.sampling`), so that the nodes
 and the rates that scale them see the same machine, and a drift of its speed over seconds lands
 on one sample of many nodes rather than on every sample of a few.
@@ -31,11 +31,11 @@ and 2²⁶ elements, since smaller ones time the launch and the L2 cache, not th
 L2 on an H100).
 A node's share on `p` devices is o + (t − o) / p (`strategies.local_time`), o what a split does
 not shrink: each node is timed again on half its leading dim, every input that shares it halved
-as a batch split makes it (`_node_timer`'s `half`), and o = 2 · t_half − t, between 0 and t
+as a batch split makes it (`timers.node_timer`'s `half`), and o = 2 · t_half − t, between 0 and t
 (`OpTimes.fixed`: a smaller matmul's lower rate, every call's dispatch); the profile's kernel
 overhead for a node without such a dim. Nodes too large to time here (over `_LARGEST` bytes or `_LONGEST`
 seconds predicted) and nodes whose op fails on random inputs keep the FLOPs-and-bytes price; so
-does every node left once `budget` / `_ROUNDS` seconds are spent preparing them (each costs as
+does every node left once `budget` / `timers.ROUNDS` seconds are spent preparing them (each costs as
 much again every round), and the rounds stop early where the next would end after `budget`.
 
 The optimizer's update is timed in the same rounds: one step of the plan's optimizer over `_ELEMENTS`
@@ -54,15 +54,13 @@ every edge where the runtime makes one.
 
 from __future__ import annotations
 
-import itertools
-import math
 import time
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils import _pytree as pytree
 
 from autopar.cost.sampling import Sampler, in_turns
+from autopar.cost.timers import ROUNDS, SAMPLE, Reference, leading, node_timer, nodes_of, op_key
 from autopar.graph import CapturedGraph
 
 _LARGEST = 256 * 2 ** 20
@@ -73,14 +71,6 @@ _ELEMENTS = 2 ** 21
 """Parameters of the timed optimizer step."""
 _TENSORS = 128
 """Tiny parameter tensors (64 elements each) of the step that times the per-tensor cost."""
-_SAMPLE = 0.005
-"""Least seconds of one timed sample."""
-_ROUNDS = 7
-"""Samples of every timing, one per round (`cost.sampling.in_turns`)."""
-_ROTATE = 8 * 2 ** 20
-"""Bytes of input copies a node's timing takes turns over: beyond a core's cache (`_node_timer`)."""
-_COPIES = 16
-"""At most this many copies."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +88,7 @@ class OpTimes:
     Python, both ways."""
     fixed: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Per node, the (forward, backward) seconds that do not shrink when its work is split: from
-    the node timed again on half its leading dim, t_fixed = 2 · t_half − t (`_node_timer`'s `half`)."""
+    the node timed again on half its leading dim, t_fixed = 2 · t_half − t (`timers.node_timer`'s `half`)."""
     seconds: float = 0.0
     """How long the timing took."""
 
@@ -149,19 +139,19 @@ def shard_times(captured: CapturedGraph, profile, shards: dict[str, set[tuple]],
     key_of, pending, computes = {}, {}, {}
     for name in sorted(shards):
         node, info = fx_nodes[name], captured.nodes[name]
-        grads = tuple(a.name in differentiable for a in _nodes_of(node))
-        wanted = frozenset(a.name for a in _nodes_of(node) if a.name in differentiable)
+        grads = tuple(a.name in differentiable for a in nodes_of(node))
+        wanted = frozenset(a.name for a in nodes_of(node) if a.name in differentiable)
         for shapes in sorted(shards[name]):
-            key = (profile, _key(node), grads, shapes)
+            key = (profile, op_key(node), grads, shapes)
             key_of[(name, shapes)] = key
-            if key in _SHARDS or key in pending or time.perf_counter() - start > budget / _ROUNDS:
+            if key in _SHARDS or key in pending or time.perf_counter() - start > budget / ROUNDS:
                 continue
-            pending[key] = _node_timer(node, info.requires_grad, device, wanted, shapes=shapes)
+            pending[key] = node_timer(node, info.requires_grad, device, wanted, shapes=shapes)
             computes[key] = bool(info.flops)
     live = [t for t in pending.values() if t is not None]
     if live:
-        reference = _Reference(profile, device)
-        in_turns(reference.samplers + [s for t in live for s in t.samplers], _ROUNDS, deadline=start + budget)
+        reference = Reference(profile, device)
+        in_turns(reference.samplers + [s for t in live for s in t.samplers], ROUNDS, deadline=start + budget)
         matmul_scale, memory_scale = reference.scales()
         grad_call = reference.grad_call()
     for key, timer in pending.items():
@@ -188,25 +178,25 @@ def _measure(captured: CapturedGraph, profile, optimizer: str, budget: float) ->
     differentiable = _differentiable(captured)
     device = _device(profile)
     fixed = _Fixed(profile, device, optimizer)
-    timers: dict[tuple, _NodeTimer | None] = {}
-    halves: dict[tuple, _NodeTimer | None] = {}
+    timers: dict[tuple, NodeTimer | None] = {}
+    halves: dict[tuple, NodeTimer | None] = {}
     key_of: dict[str, tuple] = {}
     for node in captured.program.graph.nodes:
         info = captured.nodes.get(node.name)
         if not isinstance(node.target, torch._ops.OpOverload) or info is None or node.name in ignored:
             continue
-        if time.perf_counter() - start > budget / _ROUNDS or not _small(info, profile):
+        if time.perf_counter() - start > budget / ROUNDS or not _small(info, profile):
             continue  # each node prepared costs about as much again every round
-        grads = tuple(a.name in differentiable for a in _nodes_of(node))  # by position: shared timings
-        key = (_key(node), grads)
+        grads = tuple(a.name in differentiable for a in nodes_of(node))  # by position: shared timings
+        key = (op_key(node), grads)
         if key not in timers:
-            wanted = frozenset(a.name for a in _nodes_of(node) if a.name in differentiable)
-            timers[key] = _node_timer(node, info.requires_grad, device, wanted)
-            halves[key] = _node_timer(node, info.requires_grad, device, wanted, half=True) if timers[key] else None
+            wanted = frozenset(a.name for a in nodes_of(node) if a.name in differentiable)
+            timers[key] = node_timer(node, info.requires_grad, device, wanted)
+            halves[key] = node_timer(node, info.requires_grad, device, wanted, half=True) if timers[key] else None
         if timers[key] is not None:
             key_of[node.name] = key
     live = [t for t in [*timers.values(), *halves.values()] if t is not None]
-    in_turns(fixed.samplers + [s for t in live for s in t.samplers], _ROUNDS, deadline=start + budget)
+    in_turns(fixed.samplers + [s for t in live for s in t.samplers], ROUNDS, deadline=start + budget)
     matmul_scale, memory_scale = fixed.scales()
     grad_call = fixed.grad_call()
     out, fixed_parts = {}, {}
@@ -228,175 +218,23 @@ def _small(info, profile) -> bool:
     return held <= _LARGEST and (info.flops + info.backward_flops) / rate <= _LONGEST
 
 
-def _nodes_of(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """The node's tensor arguments in the order of its (args, kwargs) leaves."""
-    return [a for a in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(a, torch.fx.Node)]
-
-
-def _key(node: torch.fx.Node) -> tuple:
-    def describe(a):
-        if isinstance(a, torch.fx.Node):
-            v = a.meta.get("val")
-            return ("t", tuple(v.shape), str(v.dtype), tuple(v.stride())) if isinstance(v, torch.Tensor) else repr(v)
-        return repr(a)
-    return (str(node.target), tuple(describe(a) for a in pytree.tree_leaves((node.args, node.kwargs))))
-
-
-def _real(value, device: torch.device, halve: int | None = None, shape: tuple[int, ...] | None = None):
-    """A random tensor like the fake `value`, with its strides (integer ones zero: valid indices and
-    class targets). Strides matter: an add or a multiply reading a transposed view (attention's
-    heads, a rotary embedding's halves) runs several times slower than on contiguous memory, and a
-    reshape of one copies. `shape`: a shard's shape instead, its dims laid out in the same order."""
-    if not isinstance(value, torch.Tensor):
-        return value
-    stride = tuple(value.stride())
-    if shape is not None and tuple(shape) != tuple(value.shape):
-        stride = _strides_in_order(stride, shape)
-    shape = tuple(value.shape) if shape is None else tuple(shape)
-    if halve is not None and shape and shape[0] == halve:
-        shape = (halve // 2,) + shape[1:]
-    size = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
-    if value.dtype.is_floating_point:
-        base = torch.randn(size, dtype=value.dtype, device=device)
-    else:
-        base = torch.zeros(size, dtype=value.dtype, device=device)
-    return base.as_strided(shape, stride)
-
-
-def _strides_in_order(stride: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Dense strides for `shape` whose dims lie in memory in the order `stride` lays them (a
-    transposed view's shard is transposed too)."""
-    order = sorted(range(len(shape)), key=lambda d: (stride[d], -d))  # innermost first
-    out, step = [0] * len(shape), 1
-    for d in order:
-        out[d] = step
-        step *= max(shape[d], 1)
-    return tuple(out)
-
-
-class _NodeTimer:
-    """A node's samplers: its forward, and its forward with its `torch.autograd.grad` (None when the
-    step computes no gradient through it)."""
-
-    def __init__(self, forward: Sampler, both: Sampler | None):
-        self.forward, self.both = forward, both
-
-    @property
-    def samplers(self) -> list[Sampler]:
-        return [self.forward] + ([self.both] if self.both is not None else [])
-
-    def seconds(self, grad_call: float) -> tuple[float, float]:
-        """(forward, backward): backward = both − forward − `grad_call`, at least 0."""
-        forward = self.forward.seconds()
-        if self.both is None:
-            return forward, 0.0
-        return forward, max(self.both.seconds() - forward - grad_call, 0.0)
-
-
-def _node_timer(node: torch.fx.Node, requires_grad: bool, device: torch.device,
-                wanted: frozenset[str] | None = None, half: bool = False,
-                shapes: tuple[tuple[int, ...], ...] | None = None) -> _NodeTimer | None:
-    """The node's op on random inputs, ready to be sampled; None when it fails on them.
-    `wanted`: the inputs whose gradient the step's backward computes (None: every floating one).
-    The others are constants to backward: the first linear's batch, a rotary embedding's cos and
-    sin; a linear's backward without its input's gradient is one matmul, not two.
-
-    Calls take turns over several copies of the inputs, `_ROTATE` bytes in all: in a step an op
-    reads what other ops wrote a while before, from the shared cache or memory, not what it read a
-    moment ago from its core's own cache.
-
-    `half`: every input whose leading dim is the output's (an even one) gets half of it, as a
-    split of the batch makes it; None when the output has no such dim or the op fails so.
-    `shapes`: the shape of each tensor argument (flattened order, repeats kept) as a shard, to time
-    the op as one device of a split runs it."""
-    halve = _leading(node) if half else None
-    if half and halve is None:
-        return None
-
-    def leaves():
-        flat, spec = pytree.tree_flatten((node.args, node.kwargs))
-        places = iter(shapes) if shapes is not None else itertools.repeat(None)
-        made = [_real(a.meta.get("val"), device, halve,
-                      next(places) if isinstance(a.meta.get("val"), torch.Tensor) else None)
-                if isinstance(a, torch.fx.Node) else a for a in flat]
-        return pytree.tree_unflatten(made, spec)
-
-    first = leaves()
-    held = sum(t.numel() * t.element_size() for t in pytree.tree_leaves(first) if isinstance(t, torch.Tensor))
-    copies = [first] + [leaves() for _ in range(min(_COPIES, _ROTATE // max(held, 1)) - 1)]
-    turn = itertools.cycle(copies)
-
-    def run():
-        args, kwargs = next(turn)
-        return node.target(*args, **kwargs)
-
-    try:
-        forward = Sampler(run, device, _SAMPLE)
-        sources = pytree.tree_leaves((node.args, node.kwargs))
-        floating = [[t for t, a in zip(pytree.tree_leaves(c), sources)
-                     if isinstance(t, torch.Tensor) and t.dtype.is_floating_point
-                     and (wanted is None or (isinstance(a, torch.fx.Node) and a.name in wanted))]
-                    for c in copies]
-        if not requires_grad or not floating[0]:
-            return _NodeTimer(forward, None)
-        for t in itertools.chain.from_iterable(floating):
-            t.requires_grad_(True)
-        outputs = [t for t in pytree.tree_leaves(run()) if isinstance(t, torch.Tensor) and t.requires_grad]
-        if not outputs:
-            return _NodeTimer(forward, None)
-        grads = [torch.randn_like(t) for t in outputs]
-        pairs = itertools.cycle(list(zip(copies, floating)))
-
-        def both() -> None:
-            (args, kwargs), leaves = next(pairs)
-            made = [t for t in pytree.tree_leaves(node.target(*args, **kwargs))
-                    if isinstance(t, torch.Tensor) and t.requires_grad]
-            torch.autograd.grad(made, leaves, grads, allow_unused=True)
-
-        return _NodeTimer(forward, Sampler(both, device, _SAMPLE))
-    except (RuntimeError, ValueError, TypeError, IndexError):
-        return None
-
-
-def _leading(node: torch.fx.Node) -> int | None:
-    """The output's leading dim, when it is even and some input shares it."""
-    out = node.meta.get("val")
-    if not isinstance(out, torch.Tensor) or not out.dim() or out.shape[0] < 2 or out.shape[0] % 2:
-        return None
-    shared = any(isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == out.shape[0]
-                 for v in (a.meta.get("val") for a in _nodes_of(node)))
-    return int(out.shape[0]) if shared else None
-
-
-def _time_node(node: torch.fx.Node, requires_grad: bool, device: torch.device, grad_call: float = 0.0,
-               wanted: frozenset[str] | None = None) -> tuple[float, float] | None:
-    """(forward, backward) seconds of one node timed alone, `_ROUNDS` samples each; None when it
-    fails on random inputs. `grad_call`: the fixed cost of one `torch.autograd.grad` call, not the
-    node's."""
-    timer = _node_timer(node, requires_grad, device, wanted)
-    if timer is None:
-        return None
-    in_turns(timer.samplers, _ROUNDS)
-    return timer.seconds(grad_call)
-
-
 class _Fixed:
     """What every graph's timing needs besides its nodes, sampled in the same rounds:
 
-    - the reference kernels and one `torch.autograd.grad` call's fixed cost (`_Reference`);
+    - the reference kernels and one `torch.autograd.grad` call's fixed cost (`timers.Reference`);
     - one step of the plan's optimizer (torch's, default settings) over `_ELEMENTS` parameters and
       over `_TENSORS` parameters of 64 elements (`update`);
     - a `Reshard` node run as rank 0 of a two-way axis with local steps both ways (`_reshard_node`):
       both of Reshard(x)·2 − both of x·2, 64 elements (`reshard`)."""
 
     def __init__(self, profile, device: torch.device, optimizer: str):
-        self.reference = _Reference(profile, device)
+        self.reference = Reference(profile, device)
         tiny, g = self.reference.tiny, self.reference.g
-        self.large = Sampler(_optimizer_step(optimizer, device, [_ELEMENTS]), device, _SAMPLE)
-        self.small = Sampler(_optimizer_step(optimizer, device, [64] * _TENSORS), device, _SAMPLE)
+        self.large = Sampler(_optimizer_step(optimizer, device, [_ELEMENTS]), device, SAMPLE)
+        self.small = Sampler(_optimizer_step(optimizer, device, [64] * _TENSORS), device, SAMPLE)
         through = _reshard_node(device)
         half = g[:32]
-        self.reshard_both = Sampler(lambda: torch.autograd.grad(through(tiny).mul(2), tiny, half), device, _SAMPLE)
+        self.reshard_both = Sampler(lambda: torch.autograd.grad(through(tiny).mul(2), tiny, half), device, SAMPLE)
 
     @property
     def samplers(self) -> list[Sampler]:
@@ -415,40 +253,6 @@ class _Fixed:
 
     def reshard(self) -> float:
         return max(self.reshard_both.seconds() - self.reference.mul_both.seconds(), 0.0)
-
-
-class _Reference:
-    """The reference matmul and add whose rates here, against the profile's, scale every timing
-    (`scales`, the module docstring's r_here / r_profiled), and one `torch.autograd.grad` call's
-    fixed cost: both − 2 · forward of x·2, x of 64 elements (`grad_call`)."""
-
-    def __init__(self, profile, device: torch.device):
-        fp32 = [r for r in profile.matmul if r.dtype == "fp32"]
-        if device.type == "cuda":
-            self.side, elements = max(fp32, key=lambda r: r.flops), 2 ** 26
-        else:
-            self.side, elements = min(fp32, key=lambda r: abs(math.log2(r.m / 512))), 2 ** 23
-        self.profile = profile
-        a, b = torch.randn(self.side.m, self.side.k, device=device), torch.randn(self.side.k, self.side.n, device=device)
-        x, y, z = (torch.ones(elements, device=device) for _ in range(3))
-        self.added = 3 * x.numel() * 4
-        self.matmul = Sampler(lambda: torch.mm(a, b), device, _SAMPLE)
-        self.add = Sampler(lambda: torch.add(x, y, out=z), device, _SAMPLE)
-        self.tiny, self.g = torch.randn(64, device=device, requires_grad=True), torch.randn(64, device=device)
-        self.mul = Sampler(lambda: self.tiny.mul(2), device, _SAMPLE)
-        self.mul_both = Sampler(lambda: torch.autograd.grad(self.tiny.mul(2), self.tiny, self.g), device, _SAMPLE)
-
-    @property
-    def samplers(self) -> list[Sampler]:
-        return [self.matmul, self.add, self.mul, self.mul_both]
-
-    def scales(self) -> tuple[float, float]:
-        """(matmul, memory) ratios r_here / r_profiled."""
-        here = self.side.flops / self.matmul.seconds()
-        return here / self.side.rate, self.added / self.add.seconds() / self.profile.memory_bandwidth
-
-    def grad_call(self) -> float:
-        return max(self.mul_both.seconds() - 2 * self.mul.seconds(), 0.0)
 
 
 def _optimizer_step(optimizer: str, device: torch.device, sizes: list[int]):

@@ -8,7 +8,7 @@ import torch
 
 import autopar
 from autopar.capture import capture
-from autopar.cost import ops, sampling
+from autopar.cost import ops, sampling, timers
 from autopar.passes.rules import tensor_args
 from autopar.passes.sharding import build_problem
 from autopar.passes.strategies import NodeSharding, local_time
@@ -75,7 +75,7 @@ def test_times_are_scaled_to_the_profiled_device(monkeypatch):
     per distinct op and shapes."""
     calls = []
     monkeypatch.setattr(ops, "_Fixed", FixedReference)
-    monkeypatch.setattr(ops, "_node_timer", lambda node, grad, device, wanted, half=False: FixedTimer(6e-4, 1e-3) if half
+    monkeypatch.setattr(ops, "node_timer", lambda node, grad, device, wanted, half=False: FixedTimer(6e-4, 1e-3) if half
                         else calls.append(node.name) or FixedTimer(1e-3, 2e-3))
     captured = mlp_graph()
     times = ops._measure(captured, make_profile(), "adamw", budget=60.0)
@@ -119,14 +119,14 @@ def test_nodes_and_references_are_sampled_in_turns(monkeypatch):
     monkeypatch.setattr(ops, "in_turns", lambda samplers, rounds, deadline: seen.append((samplers, rounds)))
     monkeypatch.setattr(ops, "_Fixed", FixedReference)
     FixedReference.samplers = ["reference"]
-    monkeypatch.setattr(ops, "_node_timer", lambda node, grad, device, wanted, half=False: FixedTimer(1e-3, 0.0) if
+    monkeypatch.setattr(ops, "node_timer", lambda node, grad, device, wanted, half=False: FixedTimer(1e-3, 0.0) if
                         seen.append(node.name) is None else None)
     try:
         ops._measure(mlp_graph(), make_profile(), "adamw", budget=60.0)
     finally:
         FixedReference.samplers = []
     (samplers, rounds), = [s for s in seen if isinstance(s, tuple)]
-    assert rounds == ops._ROUNDS and samplers == ["reference"]  # the fake timers bring no samplers
+    assert rounds == timers.ROUNDS and samplers == ["reference"]  # the fake timers bring no samplers
 
 
 def test_a_sample_lasts_long_enough_and_the_mean_drops_the_outer_tenth():
@@ -145,22 +145,22 @@ def test_the_fixed_cost_of_a_grad_call_is_taken_out_of_each_backward():
     sampling.in_turns(fixed.samplers, 3)
     assert 0 < fixed.grad_call() < 1e-3
     node = next(n for n in mlp_graph().program.graph.nodes if str(n.target) == "aten.linear.default")
-    forward, whole = ops._time_node(node, True, cpu)
+    forward, whole = timers.time_node(node, True, cpu)
     assert forward > 0 and whole > 0
-    assert ops._time_node(node, True, cpu, grad_call=1.0) == (pytest.approx(forward, rel=1.0), 0.0)  # clamped
+    assert timers.time_node(node, True, cpu, grad_call=1.0) == (pytest.approx(forward, rel=1.0), 0.0)  # clamped
 
 
 def test_backward_is_timed_for_the_gradients_the_step_computes(monkeypatch):
     """The first linear reads the user's batch, which needs no gradient: its backward is timed
     as the weight's and bias's gradients only (one matmul, not two)."""
-    wanted, asked, time_node = {}, [], ops._time_node
+    wanted, asked, time_node = {}, [], timers.time_node
 
     def timed(node, requires_grad, device, want, half=False):
         wanted[node.name] = want
         return FixedTimer(1e-3, 2e-3)
 
     monkeypatch.setattr(ops, "_Fixed", FixedReference)
-    monkeypatch.setattr(ops, "_node_timer", timed)
+    monkeypatch.setattr(ops, "node_timer", timed)
     captured = mlp_graph()
     ops._measure(captured, make_profile(), "adamw", budget=60.0)
     graph = captured.program.graph
@@ -202,8 +202,8 @@ def test_a_node_timed_on_half_its_batch_gives_what_a_split_does_not_shrink():
     for name, fixed in times.fixed.items():
         assert all(0.0 <= f <= t for f, t in zip(fixed, times.nodes[name]))
     loss = next(n for n in captured.program.graph.nodes if str(n.target) == "aten.mse_loss.default")
-    assert ops._leading(loss) is None  # a scalar output: nothing to halve
-    assert ops._node_timer(loss, True, torch.device("cpu"), half=True) is None
+    assert timers.leading(loss) is None  # a scalar output: nothing to halve
+    assert timers.node_timer(loss, True, torch.device("cpu"), half=True) is None
 
 
 def test_a_measured_node_shares_its_time_but_not_the_fixed_overhead():
@@ -266,7 +266,7 @@ def test_a_matmul_is_timed_on_the_shards_each_split_gives_it():
 
 def test_a_shard_keeps_the_order_its_dims_lie_in_memory():
     transposed = torch.empty(6, 4).t()  # shape (4, 6), strides (1, 4)
-    assert ops._strides_in_order(transposed.stride(), (4, 3)) == (1, 4)
-    assert ops._strides_in_order((12, 4, 1), (2, 3, 2)) == (6, 2, 1)
+    assert timers.strides_in_order(transposed.stride(), (4, 3)) == (1, 4)
+    assert timers.strides_in_order((12, 4, 1), (2, 3, 2)) == (6, 2, 1)
     value = torch.empty(8, 4, device="meta").t()
-    assert ops._real(value, torch.device("cpu"), shape=(2, 8)).stride() == (1, 2)
+    assert timers.real(value, torch.device("cpu"), shape=(2, 8)).stride() == (1, 2)

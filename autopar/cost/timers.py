@@ -1,0 +1,209 @@
+"""Timing one node of a captured graph on this machine: its op on random inputs of its shapes
+and strides (or a shard's shapes), forward and with its `torch.autograd.grad`, sampled in turns
+(`cost.sampling`), and the reference kernels that scale such timings to a profiled device. What
+they are for and how they combine: `cost.ops`."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch.utils import _pytree as pytree
+
+from autopar.cost.sampling import Sampler, in_turns
+
+SAMPLE = 0.005
+"""Least seconds of one timed sample."""
+ROUNDS = 7
+"""Samples of every timing, one per round (`cost.sampling.in_turns`)."""
+ROTATE = 8 * 2 ** 20
+"""Bytes of input copies a node's timing takes turns over: beyond a core's cache (`node_timer`)."""
+COPIES = 16
+"""At most this many copies."""
+
+
+def nodes_of(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The node's tensor arguments in the order of its (args, kwargs) leaves."""
+    return [a for a in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(a, torch.fx.Node)]
+
+
+def op_key(node: torch.fx.Node) -> tuple:
+    def describe(a):
+        if isinstance(a, torch.fx.Node):
+            v = a.meta.get("val")
+            return ("t", tuple(v.shape), str(v.dtype), tuple(v.stride())) if isinstance(v, torch.Tensor) else repr(v)
+        return repr(a)
+    return (str(node.target), tuple(describe(a) for a in pytree.tree_leaves((node.args, node.kwargs))))
+
+
+def real(value, device: torch.device, halve: int | None = None, shape: tuple[int, ...] | None = None):
+    """A random tensor like the fake `value`, with its strides (integer ones zero: valid indices and
+    class targets). Strides matter: an add or a multiply reading a transposed view (attention's
+    heads, a rotary embedding's halves) runs several times slower than on contiguous memory, and a
+    reshape of one copies. `shape`: a shard's shape instead, its dims laid out in the same order."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    stride = tuple(value.stride())
+    if shape is not None and tuple(shape) != tuple(value.shape):
+        stride = strides_in_order(stride, shape)
+    shape = tuple(value.shape) if shape is None else tuple(shape)
+    if halve is not None and shape and shape[0] == halve:
+        shape = (halve // 2,) + shape[1:]
+    size = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
+    if value.dtype.is_floating_point:
+        base = torch.randn(size, dtype=value.dtype, device=device)
+    else:
+        base = torch.zeros(size, dtype=value.dtype, device=device)
+    return base.as_strided(shape, stride)
+
+
+def strides_in_order(stride: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Dense strides for `shape` whose dims lie in memory in the order `stride` lays them (a
+    transposed view's shard is transposed too)."""
+    order = sorted(range(len(shape)), key=lambda d: (stride[d], -d))  # innermost first
+    out, step = [0] * len(shape), 1
+    for d in order:
+        out[d] = step
+        step *= max(shape[d], 1)
+    return tuple(out)
+
+
+class NodeTimer:
+    """A node's samplers: its forward, and its forward with its `torch.autograd.grad` (None when the
+    step computes no gradient through it)."""
+
+    def __init__(self, forward: Sampler, both: Sampler | None):
+        self.forward, self.both = forward, both
+
+    @property
+    def samplers(self) -> list[Sampler]:
+        return [self.forward] + ([self.both] if self.both is not None else [])
+
+    def seconds(self, grad_call: float) -> tuple[float, float]:
+        """(forward, backward): backward = both − forward − `grad_call`, at least 0."""
+        forward = self.forward.seconds()
+        if self.both is None:
+            return forward, 0.0
+        return forward, max(self.both.seconds() - forward - grad_call, 0.0)
+
+
+def node_timer(node: torch.fx.Node, requires_grad: bool, device: torch.device,
+                wanted: frozenset[str] | None = None, half: bool = False,
+                shapes: tuple[tuple[int, ...], ...] | None = None) -> NodeTimer | None:
+    """The node's op on random inputs, ready to be sampled; None when it fails on them.
+    `wanted`: the inputs whose gradient the step's backward computes (None: every floating one).
+    The others are constants to backward: the first linear's batch, a rotary embedding's cos and
+    sin; a linear's backward without its input's gradient is one matmul, not two.
+
+    Calls take turns over several copies of the inputs, `ROTATE` bytes in all: in a step an op
+    reads what other ops wrote a while before, from the shared cache or memory, not what it read a
+    moment ago from its core's own cache.
+
+    `half`: every input whose leading dim is the output's (an even one) gets half of it, as a
+    split of the batch makes it; None when the output has no such dim or the op fails so.
+    `shapes`: the shape of each tensor argument (flattened order, repeats kept) as a shard, to time
+    the op as one device of a split runs it."""
+    halve = leading(node) if half else None
+    if half and halve is None:
+        return None
+
+    def leaves():
+        flat, spec = pytree.tree_flatten((node.args, node.kwargs))
+        places = iter(shapes) if shapes is not None else itertools.repeat(None)
+        made = [real(a.meta.get("val"), device, halve,
+                      next(places) if isinstance(a.meta.get("val"), torch.Tensor) else None)
+                if isinstance(a, torch.fx.Node) else a for a in flat]
+        return pytree.tree_unflatten(made, spec)
+
+    first = leaves()
+    held = sum(t.numel() * t.element_size() for t in pytree.tree_leaves(first) if isinstance(t, torch.Tensor))
+    copies = [first] + [leaves() for _ in range(min(COPIES, ROTATE // max(held, 1)) - 1)]
+    turn = itertools.cycle(copies)
+
+    def run():
+        args, kwargs = next(turn)
+        return node.target(*args, **kwargs)
+
+    try:
+        forward = Sampler(run, device, SAMPLE)
+        sources = pytree.tree_leaves((node.args, node.kwargs))
+        floating = [[t for t, a in zip(pytree.tree_leaves(c), sources)
+                     if isinstance(t, torch.Tensor) and t.dtype.is_floating_point
+                     and (wanted is None or (isinstance(a, torch.fx.Node) and a.name in wanted))]
+                    for c in copies]
+        if not requires_grad or not floating[0]:
+            return NodeTimer(forward, None)
+        for t in itertools.chain.from_iterable(floating):
+            t.requires_grad_(True)
+        outputs = [t for t in pytree.tree_leaves(run()) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not outputs:
+            return NodeTimer(forward, None)
+        grads = [torch.randn_like(t) for t in outputs]
+        pairs = itertools.cycle(list(zip(copies, floating)))
+
+        def both() -> None:
+            (args, kwargs), leaves = next(pairs)
+            made = [t for t in pytree.tree_leaves(node.target(*args, **kwargs))
+                    if isinstance(t, torch.Tensor) and t.requires_grad]
+            torch.autograd.grad(made, leaves, grads, allow_unused=True)
+
+        return NodeTimer(forward, Sampler(both, device, SAMPLE))
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        return None
+
+
+def leading(node: torch.fx.Node) -> int | None:
+    """The output's leading dim, when it is even and some input shares it."""
+    out = node.meta.get("val")
+    if not isinstance(out, torch.Tensor) or not out.dim() or out.shape[0] < 2 or out.shape[0] % 2:
+        return None
+    shared = any(isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == out.shape[0]
+                 for v in (a.meta.get("val") for a in nodes_of(node)))
+    return int(out.shape[0]) if shared else None
+
+
+def time_node(node: torch.fx.Node, requires_grad: bool, device: torch.device, grad_call: float = 0.0,
+               wanted: frozenset[str] | None = None) -> tuple[float, float] | None:
+    """(forward, backward) seconds of one node timed alone, `ROUNDS` samples each; None when it
+    fails on random inputs. `grad_call`: the fixed cost of one `torch.autograd.grad` call, not the
+    node's."""
+    timer = node_timer(node, requires_grad, device, wanted)
+    if timer is None:
+        return None
+    in_turns(timer.samplers, ROUNDS)
+    return timer.seconds(grad_call)
+
+
+class Reference:
+    """The reference matmul and add whose rates here, against the profile's, scale every timing
+    (`scales`, the module docstring's r_here / r_profiled), and one `torch.autograd.grad` call's
+    fixed cost: both − 2 · forward of x·2, x of 64 elements (`grad_call`)."""
+
+    def __init__(self, profile, device: torch.device):
+        fp32 = [r for r in profile.matmul if r.dtype == "fp32"]
+        if device.type == "cuda":
+            self.side, elements = max(fp32, key=lambda r: r.flops), 2 ** 26
+        else:
+            self.side, elements = min(fp32, key=lambda r: abs(math.log2(r.m / 512))), 2 ** 23
+        self.profile = profile
+        a, b = torch.randn(self.side.m, self.side.k, device=device), torch.randn(self.side.k, self.side.n, device=device)
+        x, y, z = (torch.ones(elements, device=device) for _ in range(3))
+        self.added = 3 * x.numel() * 4
+        self.matmul = Sampler(lambda: torch.mm(a, b), device, SAMPLE)
+        self.add = Sampler(lambda: torch.add(x, y, out=z), device, SAMPLE)
+        self.tiny, self.g = torch.randn(64, device=device, requires_grad=True), torch.randn(64, device=device)
+        self.mul = Sampler(lambda: self.tiny.mul(2), device, SAMPLE)
+        self.mul_both = Sampler(lambda: torch.autograd.grad(self.tiny.mul(2), self.tiny, self.g), device, SAMPLE)
+
+    @property
+    def samplers(self) -> list[Sampler]:
+        return [self.matmul, self.add, self.mul, self.mul_both]
+
+    def scales(self) -> tuple[float, float]:
+        """(matmul, memory) ratios r_here / r_profiled."""
+        here = self.side.flops / self.matmul.seconds()
+        return here / self.side.rate, self.added / self.add.seconds() / self.profile.memory_bandwidth
+
+    def grad_call(self) -> float:
+        return max(self.mul_both.seconds() - 2 * self.mul.seconds(), 0.0)
