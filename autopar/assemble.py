@@ -73,7 +73,7 @@ def stage(problem: ShardingProblem, solution: ShardingSolution, *, index: int = 
           layers: tuple[int, int] | None = None) -> tuple[Stage, list[CollectiveRecord]]:
     ctx = problem.context
     nodes, params = placements(problem, solution.choice)
-    totals = {"compute": 0.0, "comm": 0.0, "optimizer": 0.0, "activations": 0.0, "state": 0.0}
+    totals = {"compute": 0.0, "comm": 0.0, "optimizer": 0.0, "activations": 0.0, "state": 0.0, "fixed": 0.0}
     for unit in problem.units:
         strategy = problem.strategies[unit.canonical][solution.choice[unit.canonical]]
         for key in totals:
@@ -90,7 +90,7 @@ def stage(problem: ShardingProblem, solution: ShardingSolution, *, index: int = 
     cost = Cost(step_time=step_time, compute=totals["compute"], communication=totals["comm"] + edge_time + buckets,
                 optimizer=totals["optimizer"], peak_memory=solution.memory + workspace,
                 activations=totals["activations"] + workspace,
-                parameter_state=totals["state"],
+                parameter_state=totals["state"], fixed=totals["fixed"],
                 mfu=model_flops / step_time / (devices * problem.cluster.device.peak(dtype)) if step_time else 0.0)
     span = layers or (0, len(ctx.captured.layers))
     return Stage(index=index, layers=span, mesh=problem.mesh, nodes=nodes, params=params, cost=cost), records

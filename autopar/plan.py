@@ -136,6 +136,9 @@ class Cost:
     parameter_state: float
     """Weights, gradients and optimizer state, bytes per device."""
     mfu: float
+    fixed: float = 0.0
+    """The seconds of `compute` a cut of the batch does not shrink (`passes.strategies.fixed_time`):
+    what every microbatch pays whole."""
 
     def __post_init__(self) -> None:
         _at_least("Cost", {f.name: getattr(self, f.name) for f in fields(self)})

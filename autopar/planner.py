@@ -217,7 +217,7 @@ def _pipelined(captured: CapturedGraph, cluster: Cluster, options: ShardingOptio
     cost = Cost(step_time=found.step_time, compute=slowest.cost.compute, communication=slowest.cost.communication,
                 optimizer=slowest.cost.optimizer, peak_memory=max(s.cost.peak_memory for s in stages),
                 activations=max(s.cost.activations for s in stages),
-                parameter_state=max(s.cost.parameter_state for s in stages),
+                parameter_state=max(s.cost.parameter_state for s in stages), fixed=slowest.cost.fixed,
                 mfu=model_flops / found.step_time / (cluster.num_devices * cluster.device.peak(dtype)))
     report = SearchReport(solver="HiGHS", status="optimal", gap=0.0, variables=0, constraints=0,
                           seconds=time.perf_counter() - start,

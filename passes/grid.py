@@ -97,7 +97,7 @@ def _configuration(costs: StageCosts, dp: int, tp: int, pp: int, zero: int, batc
             memory = max(f.state + (f.flight * k + f.largest) / m for f, k in zip(figures, kept))
             if memory > costs.budget:
                 continue
-            times = [f.work / m + costs.transfer(a, mesh, plans, m)
+            times = [f.per_microbatch(m) + costs.transfer(a, mesh, plans, m)
                      for f, (a, _), plans in zip(figures, ranges, chosen)]
             once = [f.once for f in figures]
             step = schedules.step_time("1f1b", times, m, once) if pp > 1 else m * times[0] + once[0]

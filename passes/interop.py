@@ -62,7 +62,7 @@ class StageChoice:
 @dataclass(frozen=True, slots=True)
 class _Figures:
     """A stage under one pick of part plans, before the microbatch count m and the in-flight count
-    k: per microbatch it takes work/m, and holds state + (flight·k + largest)/m bytes."""
+    k: per microbatch it takes `per_microbatch(m)`, and holds state + (flight·k + largest)/m bytes."""
     work: float
     """Whole batch, forward and backward (and the forward again where checkpointed)."""
     once: float
@@ -74,6 +74,13 @@ class _Figures:
     shards: int
     """How many ways the batch is split (a microbatch's samples must divide evenly)."""
     plans: tuple[PartPlan, ...]
+    fixed: float = 0.0
+    """The part of `work` every microbatch pays whole (`parts.PartPlan.fixed`)."""
+
+    def per_microbatch(self, m: int) -> float:
+        """A microbatch's share of `work`: f + (work − f) / m, f what a cut of the batch does not
+        shrink (`strategies.fixed_time`)."""
+        return self.fixed + (self.work - self.fixed) / m
 
     @property
     def busy(self) -> float:
@@ -267,7 +274,7 @@ class StageCosts:
             pick[best[0]] += 1
             figures = best[1]
         chosen = dict(zip(self.part_counts(a, b), figures.plans))
-        time = figures.work / m + self.transfer(a, mesh, chosen, m)
+        time = figures.per_microbatch(m) + self.transfer(a, mesh, chosen, m)
         return StageChoice(blocks=(a, b), devices=mesh.size, mesh_shape=mesh.shape, time=time, once=figures.once,
                            memory=memory(figures), checkpoint=ckpt, plans=tuple(chosen.items()))
 
@@ -281,7 +288,7 @@ class StageCosts:
             if start is not None:
                 figures = self._figures(a, b, mesh.shape, ckpt, start)
                 chosen = dict(zip(self.part_counts(a, b), figures.plans))
-                time = figures.work / m + self.transfer(a, mesh, chosen, m)
+                time = figures.per_microbatch(m) + self.transfer(a, mesh, chosen, m)
                 found = figures, StageChoice(blocks=(a, b), devices=mesh.size, mesh_shape=mesh.shape, time=time,
                                              once=figures.once, memory=math.nan, checkpoint=ckpt,
                                              plans=tuple(chosen.items()))
@@ -328,11 +335,12 @@ class StageCosts:
 
     def figures_of(self, a: int, b: int, shape: tuple[int, ...], ckpt: bool, chosen: dict[str, PartPlan]) -> _Figures:
         """Blocks [a, b) on a mesh of `shape` with these plans of their parts (`part_counts`)."""
-        work = once = state = flight = largest = 0.0
+        work = once = state = flight = largest = fixed = 0.0
         for part, n in self.part_counts(a, b).items():
             plan = chosen[part]
             layer = part.startswith("layer:")
             work += n * (plan.work + (plan.forward if ckpt and layer else 0.0))
+            fixed += n * plan.fixed
             once += n * plan.once
             state += n * plan.state
             if ckpt and layer:
@@ -342,7 +350,8 @@ class StageCosts:
                 flight += n * plan.activations
         work += self._cross(a, b, shape, {part: dict(plan.choice) for part, plan in chosen.items()})
         return _Figures(work=work, once=once, state=state, flight=flight, largest=largest,
-                        shards=max(plan.batch_shards for plan in chosen.values()), plans=tuple(chosen.values()))
+                        shards=max(plan.batch_shards for plan in chosen.values()), plans=tuple(chosen.values()),
+                        fixed=fixed)
 
     def _cross(self, a: int, b: int, shape: tuple[int, ...], picks: dict[str, dict[int, int]]) -> float:
         """The resharding between layers of different signatures that the stage holds."""
@@ -488,13 +497,14 @@ def _chunk(result: PipelinePlan, costs: StageCosts, j: int, g: int, layers: tupl
     group = result.layers[g]
     share = (layers[1] - layers[0]) / max(group[1] - group[0], 1)  # of the stage's layers this chunk runs
     scale = costs.part_counts(*choice_.blocks)
-    compute = sum(scale[p] * plan.compute for p, plan in choice_.plans) * share
+    fixed = sum(scale[p] * plan.fixed for p, plan in choice_.plans) * share  # every microbatch pays it
+    compute = sum(scale[p] * plan.compute for p, plan in choice_.plans) * share + fixed * (m - 1)
     state = sum(scale[p] * plan.state for p, plan in choice_.plans)
     busy = (m * choice_.time + choice_.once) * share
     flops = sum(costs.captured.nodes[n].flops + costs.captured.nodes[n].backward_flops for n in nodes)
     once = sum(scale[p] * plan.once for p, plan in choice_.plans) * share
     cost = Cost(step_time=busy, compute=compute, communication=max(busy - compute - once, 0.0), optimizer=once,
-                peak_memory=choice_.memory, activations=choice_.memory - state, parameter_state=state,
+                peak_memory=choice_.memory, activations=choice_.memory - state, parameter_state=state, fixed=fixed,
                 mfu=flops / result.step_time / (choice_.devices * device.peak(dtype)))
     return Stage(index=j, layers=layers, mesh=LogicalMesh.build(costs.cluster, choice_.mesh_shape, first),
                  nodes=nodes, params=params, cost=cost, checkpoint=choice_.checkpoint,

@@ -47,6 +47,8 @@ class PartPlan:
     state: float
     batch_shards: int
     """How many ways the batch dimension of the part's input is split."""
+    fixed: float = 0.0
+    """The part of `compute` every microbatch pays whole (`strategies.Strategy.fixed`)."""
 
 
 
@@ -203,12 +205,13 @@ class Parts:
         return sorted(plans.values(), key=lambda p: p.work + p.once)
 
     def _measure(self, part: str, scoped: ShardingProblem, choice: dict[int, int]) -> PartPlan:
-        compute = work = forward = once = activations = state = boundary = 0.0
+        compute = work = forward = once = activations = state = boundary = fixed = 0.0
         captured = self.problem.captured
         for c, n in scoped.counts.items():
             s: Strategy = scoped.strategies[c][choice[c]]
             share = _forward_share(captured, self.problem.units[c].members)
             compute += n * s.compute
+            fixed += n * s.fixed
             work += n * (s.compute + s.comm - s.sync)  # FSDP gathers (pp = 1 only) are per microbatch
             forward += n * s.compute * share
             once += n * (s.sync + s.optimizer)
@@ -224,7 +227,7 @@ class Parts:
         if part.startswith("layer:"):
             boundary = self._boundary_bytes(part, scoped, choice)
         return PartPlan(choice=tuple(sorted(choice.items())), compute=compute, work=work, forward=forward, once=once,
-                        activations=activations, boundary=boundary, state=state, batch_shards=shards)
+                        activations=activations, boundary=boundary, state=state, batch_shards=shards, fixed=fixed)
 
     def _boundary_bytes(self, part: str, scoped: ShardingProblem, choice: dict[int, int]) -> float:
         """Per device: the activations entering the layer from outside it, as the layer takes them

@@ -29,9 +29,9 @@ from autopar.cost.ops import op_times, shard_times
 from autopar.graph import CapturedGraph
 from autopar.vocab import R, LogicalMesh, Placements, shard_count
 from autopar.passes.reshard import Resharder, moves
-from autopar.passes.strategies import (LEVELS, NodeSharding, ParamSharding, Strategy, all_placements, follower_sharding,
-                               grads_of, leader_options, local_time, normalized, param_options, partial_on,
-                               saved_memory, split_axes)
+from autopar.passes.strategies import (LEVELS, NodeSharding, ParamSharding, Strategy, all_placements, fixed_time,
+                               follower_sharding, grads_of, leader_options, local_time, normalized, param_options,
+                               partial_on, saved_memory, split_axes)
 from autopar.passes.rules import tensor_args
 from autopar.passes.units import Roles, Unit, build_units, roles
 from autopar.runtime.sync import BUCKET_BYTES
@@ -295,8 +295,9 @@ def _price_members(ctx: Context, unit: Unit, strategy: Strategy) -> None:
         measured = ctx.ops.nodes.get(name) if ctx.ops is not None else None
         fixed = ctx.ops.fixed.get(name) if ctx.ops is not None else None
         local = ctx.shards.get((name, _shard_shapes(ctx.fx_nodes[name], sharding, shape))) if info.flops else None
-        strategy.compute += local_time(info, sharding, shape, ctx.device, dtype, ctx.profile, measured, fixed,
-                                       local)
+        share = local_time(info, sharding, shape, ctx.device, dtype, ctx.profile, measured, fixed, local)
+        strategy.compute += share
+        strategy.fixed += fixed_time(info, share, ctx.profile, measured, fixed)
         strategy.activations += saved_memory(info, sharding, shape)
         for axis, kind in enumerate(sharding.kinds):
             if kind in _INTERNAL:
@@ -346,7 +347,7 @@ def _with_params(ctx: Context, unit: Unit, base: Strategy) -> list[Strategy]:
     levels = sorted({o.level for opts in choices.values() for o in opts})
     out = []
     for level in levels:
-        strategy = Strategy(members=base.members, params={}, compute=base.compute, comm=base.comm,
+        strategy = Strategy(members=base.members, params={}, compute=base.compute, comm=base.comm, fixed=base.fixed,
                             optimizer=base.optimizer, activations=base.activations, state=base.state,
                             sync=base.sync, gathers=base.gathers, collectives=list(base.collectives))
         for (m, j, arg) in owned:

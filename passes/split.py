@@ -135,8 +135,10 @@ def split(plan: Plan, captured: CapturedGraph, cluster: Cluster, spec: PipelineS
         kept = schedules.in_flight(spec.schedule, p, m, j % p, v) if p > 1 else 1.0
         received = received_bytes(captured, one, chunks, j)
         transfers = m * transfer_time(cluster, one.mesh.size, received / m) if received else 0.0
-        busy = (one.cost.compute + one.cost.communication) * share + transfers
-        cost = dataclasses.replace(one.cost, step_time=busy + one.cost.optimizer * share, compute=one.cost.compute * share,
+        fixed = one.cost.fixed * share  # each microbatch pays it whole: f + (t − f) / m of t each
+        compute = one.cost.compute * share + fixed * (m - 1)
+        busy = compute + one.cost.communication * share + transfers
+        cost = dataclasses.replace(one.cost, step_time=busy + one.cost.optimizer * share, compute=compute, fixed=fixed,
                                    communication=one.cost.communication * share + transfers,
                                    optimizer=one.cost.optimizer * share,
                                    activations=one.cost.activations * share * kept / m,
@@ -158,7 +160,8 @@ def split(plan: Plan, captured: CapturedGraph, cluster: Cluster, spec: PipelineS
                                parameter_state=max(s.cost.parameter_state for s in stages),
                                mfu=plan.cost.mfu * plan.cost.step_time / step / p)
     warning = (f"pipeline of {p} stages × {'×'.join(map(str, one.mesh.shape))} device(s) by hand: chunk costs are the one-stage "
-               f"plan's scaled by each chunk's share of the FLOPs and by 1/{m} per microbatch")
+               f"plan's scaled by each chunk's share of the FLOPs, and per microbatch f + (t - f)/{m}, f what a cut "
+               f"of the batch does not shrink")
     return dataclasses.replace(plan, cluster=cluster, stages=tuple(stages), schedule=schedule, cost=cost,
                                collectives=(), warnings=plan.warnings + (warning,))
 

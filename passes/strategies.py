@@ -73,6 +73,9 @@ class Strategy:
     sync: float = 0.0
     """The part of `comm` that runs once per step whatever the microbatching: gradient reduction
     and the ZeRO parameter all-gather after the optimizer step."""
+    fixed: float = 0.0
+    """The part of `compute` that does not shrink when the batch is cut (`fixed_time`): what every
+    microbatch of a pipeline pays whole."""
     gathers: float = 0.0
     """The part of `comm` that runs once per pass over the parameters: FSDP's all-gathers before
     forward and backward (once per microbatch in a pipeline)."""
@@ -217,6 +220,20 @@ def local_time(node_info, sharding: NodeSharding, mesh_shape, device, dtype: str
     backward = kernel_time(node_info.backward_flops / parts_, 2 * node_info.bytes_moved / parts_, device, dtype,
                            profile)
     return forward + backward
+
+
+def fixed_time(node_info, share: float, profile=None, measured: tuple[float, float] | None = None,
+               fixed: tuple[float, float] | None = None) -> float:
+    """Of a node's `share` (`local_time`), the seconds a cut of its batch does not shrink: its own
+    fixed part (`cost.ops.OpTimes.fixed`, from the node timed on half its batch) or else the
+    profile's kernel overhead, forward and backward; none for a node priced from FLOPs and bytes.
+    A pipeline's microbatch is such a cut in time: m microbatches of a stage take
+    f + (t − f) / m each, not t / m (the half-batch fit of `local_time`, applied to microbatches)."""
+    if measured is None:
+        return 0.0
+    o = profile.kernel_overhead if profile is not None else 0.0
+    own = fixed if fixed is not None else (o, o)
+    return min(own[0] + (own[1] if node_info.requires_grad else 0.0), share)
 
 
 def param_options(use: Placements, split: tuple[bool, ...], shape: tuple[int, ...],

@@ -33,7 +33,10 @@ A node's share on `p` devices is o + (t − o) / p (`strategies.local_time`), o 
 not shrink: each node is timed again on half its leading dim, every input that shares it halved
 as a batch split makes it (`timers.node_timer`'s `half`), and o = 2 · t_half − t, between 0 and t
 (`OpTimes.fixed`: a smaller matmul's lower rate, every call's dispatch); the profile's kernel
-overhead for a node without such a dim. Nodes too large to time here (over `_LARGEST` bytes or `_LONGEST`
+overhead for a node without such a dim. A node that does FLOPs (a matmul, a linear, attention)
+is also timed on the shards of every split its rules allow on the plan's mesh (`shard_times`),
+and that is the split's share outright: which dim a split halves sets a small matmul's rate.
+Nodes too large to time here (over `_LARGEST` bytes or `_LONGEST`
 seconds predicted) and nodes whose op fails on random inputs keep the FLOPs-and-bytes price; so
 does every node left once `budget` / `timers.ROUNDS` seconds are spent preparing them (each costs as
 much again every round), and the rounds stop early where the next would end after `budget`.

@@ -270,3 +270,15 @@ def test_a_shard_keeps_the_order_its_dims_lie_in_memory():
     assert timers.strides_in_order((12, 4, 1), (2, 3, 2)) == (6, 2, 1)
     value = torch.empty(8, 4, device="meta").t()
     assert timers.real(value, torch.device("cpu"), shape=(2, 8)).stride() == (1, 2)
+
+
+def test_the_fixed_part_is_what_every_microbatch_pays_whole():
+    from autopar.passes.strategies import fixed_time
+
+    captured = mlp_graph()
+    info = next(i for i in captured.nodes.values() if i.op == "aten.linear.default" and i.requires_grad)
+    profile = make_profile(kernel_overhead=1e-5)
+    assert fixed_time(info, 1.0, profile, None, None) == 0.0  # priced from FLOPs and bytes: no measure of it
+    assert fixed_time(info, 1.0, profile, (1e-3, 2e-3), None) == pytest.approx(2e-5)  # the profile's overhead, twice
+    assert fixed_time(info, 1.0, profile, (1e-3, 2e-3), (3e-4, 5e-4)) == pytest.approx(8e-4)
+    assert fixed_time(info, 6e-4, profile, (1e-3, 2e-3), (3e-4, 5e-4)) == pytest.approx(6e-4)  # never above the share

@@ -26,3 +26,29 @@ def test_a_later_stage_receives_the_residual_stream_and_sends_its_gradient_back(
     assert first.cost.communication == 0.0
     assert second.cost.communication == pytest.approx(expected, rel=1e-9)
     assert second.microbatch_time == pytest.approx(second.cost.compute / microbatches + expected / microbatches)
+
+
+def test_every_microbatch_pays_whole_the_part_a_cut_of_the_batch_does_not_shrink():
+    """A microbatch is a cut of the batch in time: of a stage's t, the part f that does not shrink
+    with the batch (each op's dispatch, a small matmul's lower rate) is paid by every microbatch,
+    so each takes f + (t − f) / m, not t / m."""
+    import dataclasses
+
+    entry = autopar.models.get("gpt-tiny")
+    inputs, target = entry.example_batch(8)
+    captured = autopar.capture(entry.build(device="meta", n_layers=4), inputs, loss_fn=entry.loss_fn, target=target)
+    cluster = Cluster.preset("h100", gpus_per_node=2)
+    plain = plan_graph(captured, Cluster.preset("h100", gpus_per_node=1), model_name="gpt-tiny", strategy="dp")
+    stage = plain.stages[0]
+    fixed = 0.25 * stage.cost.compute
+    with_fixed = dataclasses.replace(plain, stages=(dataclasses.replace(
+        stage, cost=dataclasses.replace(stage.cost, fixed=fixed)),))
+    m = 4
+    spec = PipelineSpec(stages=2, microbatches=m)
+    for paid, free in zip(split(with_fixed, captured, cluster, spec).stages, split(plain, captured, cluster, spec).stages):
+        f = fixed * free.cost.compute / stage.cost.compute  # the chunk's share of it
+        assert paid.cost.fixed == pytest.approx(f) and f > 0
+        assert paid.microbatch_time == pytest.approx(free.microbatch_time + f * (1 - 1 / m))
+        assert paid.cost.compute == pytest.approx(free.cost.compute + f * (m - 1))
+    assert split(with_fixed, captured, cluster, PipelineSpec(stages=2, microbatches=1)).stages[0].microbatch_time == \
+        pytest.approx(split(plain, captured, cluster, PipelineSpec(stages=2, microbatches=1)).stages[0].microbatch_time)
