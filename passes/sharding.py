@@ -192,8 +192,7 @@ def _shard_requests(ctx: Context) -> dict[str, set]:
             continue
         node = ctx.fx_nodes[name]
         shapes = {_shard_shapes(node, sharding, ctx.mesh.shape) for sharding in leader_options(node, ctx.mesh.shape)}
-        shapes -= {None, _shard_shapes(node, NodeSharding(inputs=tuple((R,) * len(ctx.mesh.shape) for _ in
-                                                                         tensor_args(node)), outputs=()), ctx.mesh.shape)}
+        shapes -= {None, tuple(tuple(getattr(a.meta["val"], "shape", ())) for a in tensor_args(node))}  # whole: timed
         if shapes:
             out[name] = shapes
     return out
