@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 FORMAT = 1
 STRATEGIES = ("auto", "dp", "zero1", "zero2", "fsdp", "tp", "dp+tp", "sp")
 RULE_KINDS = ("local", "partial_bias", "vocab_embedding", "vocab_cross_entropy", "batch_mean_loss", "sync_batch_norm")
-"""How an op runs on local shards along one axis (`passes.rules.Rule.kind`, `runtime.lower._kernel`)."""
+"""How an op runs on local shards along one axis (`passes.rules.Rule.kind`, `runtime.lower.kernel_of`)."""
 LEVELS = (0, 1, 2, 3)
 PHASES = ("forward", "backward", "step")
 

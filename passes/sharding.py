@@ -18,9 +18,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-import torch
-import torch.fx as fx
-
 from autopar.cluster import Cluster
 from autopar.cost.comm import CommModel
 from autopar.cost.compute import DTYPE_NAMES
@@ -30,8 +27,8 @@ from autopar.graph import CapturedGraph
 from autopar.vocab import R, LogicalMesh, Placements, shard_count
 from autopar.passes.reshard import Resharder, moves
 from autopar.passes.strategies import (LEVELS, NodeSharding, ParamSharding, Strategy, all_placements, fixed_time,
-                               follower_sharding, grads_of, leader_options, local_time, normalized, param_options,
-                               partial_on, saved_memory, split_axes)
+                               follower_sharding, grads_of, kernel_split, leader_options, local_time, normalized,
+                               param_options, partial_on, saved_memory, shard_requests, shard_shapes, split_axes)
 from autopar.passes.rules import tensor_args
 from autopar.passes.units import Roles, Unit, build_units, roles
 from autopar.runtime.sync import BUCKET_BYTES
@@ -150,9 +147,11 @@ def build_problem(captured: CapturedGraph, mesh: LogicalMesh, cluster: Cluster,
     units, unit_of = build_units(captured, graph_roles)
     ctx = Context(captured=captured, roles=graph_roles, mesh=mesh, resharder=Resharder(mesh, CommModel(cluster)),
                   device=cluster.device, profile=cluster.profile, options=options,
-                  ops=op_times(captured, cluster.profile, options.optimizer), fx_nodes={n.name: n for n in captured.program.graph.nodes}, unit_of=unit_of)
+                  ops=op_times(captured, cluster.profile, options.optimizer),
+                  fx_nodes={n.name: n for n in captured.program.graph.nodes}, unit_of=unit_of)
     if ctx.ops is not None:
-        ctx.shards = shard_times(captured, cluster.profile, _shard_requests(ctx))
+        wanted = shard_requests(captured, ctx.fx_nodes, set(ctx.ops.nodes), mesh.shape)
+        ctx.shards = shard_times(captured, cluster.profile, wanted, mesh.shape)
     _find_owners(ctx, units)
     _count_layer_mates(ctx)
     counts: dict[int, int] = {}
@@ -171,31 +170,6 @@ def build_problem(captured: CapturedGraph, mesh: LogicalMesh, cluster: Cluster,
     return ShardingProblem(captured=captured, mesh=mesh, cluster=cluster, options=options, units=units,
                            strategies=strategies, counts=counts, edges=edges, budget=budget, fixed_memory=fixed,
                            context=ctx, warnings=warnings)
-
-
-def _shard_shapes(node: fx.Node, sharding: NodeSharding, mesh_shape) -> tuple[tuple[int, ...], ...] | None:
-    """Each tensor argument's local shape as the op consumes it under `sharding`; None when an
-    argument is not one tensor."""
-    values = [a.meta["val"] for a in tensor_args(node)]
-    if not all(isinstance(v, torch.Tensor) for v in values):
-        return None
-    return tuple(tuple(n // shard_count(placed, mesh_shape, d) for d, n in enumerate(v.shape))
-                 for v, placed in zip(values, sharding.inputs))
-
-
-def _shard_requests(ctx: Context) -> dict[str, set]:
-    """The shard shapes to time (`Context.shards`): every split of every timed node that does
-    FLOPs, as its one-axis rules combine on this mesh."""
-    out: dict[str, set] = {}
-    for name, info in ctx.captured.nodes.items():
-        if not info.flops or name not in ctx.ops.nodes:
-            continue
-        node = ctx.fx_nodes[name]
-        shapes = {_shard_shapes(node, sharding, ctx.mesh.shape) for sharding in leader_options(node, ctx.mesh.shape)}
-        shapes -= {None, tuple(tuple(getattr(a.meta["val"], "shape", ())) for a in tensor_args(node))}  # whole: timed
-        if shapes:
-            out[name] = shapes
-    return out
 
 
 def _find_owners(ctx: Context, units: list[Unit]) -> None:
@@ -293,7 +267,8 @@ def _price_members(ctx: Context, unit: Unit, strategy: Strategy) -> None:
             dtype = "fp32"
         measured = ctx.ops.nodes.get(name) if ctx.ops is not None else None
         fixed = ctx.ops.fixed.get(name) if ctx.ops is not None else None
-        local = ctx.shards.get((name, _shard_shapes(ctx.fx_nodes[name], sharding, shape))) if info.flops else None
+        local = ctx.shards.get((name, shard_shapes(ctx.fx_nodes[name], sharding, shape),
+                                kernel_split(sharding, shape))) if ctx.shards else None
         share = local_time(info, sharding, shape, ctx.device, dtype, ctx.profile, measured, fixed, local)
         strategy.compute += share
         strategy.fixed += fixed_time(info, share, ctx.profile, measured, fixed)

@@ -143,6 +143,43 @@ def leader_options(node: fx.Node, mesh_shape: tuple[int, ...]) -> list[NodeShard
     return found
 
 
+def shard_shapes(node: fx.Node, sharding: NodeSharding, mesh_shape) -> tuple[tuple[int, ...], ...] | None:
+    """Each tensor argument's local shape as the op consumes it under `sharding`; None when an
+    argument is not one tensor."""
+    values = [a.meta["val"] for a in tensor_args(node)]
+    if not all(isinstance(v, torch.Tensor) for v in values):
+        return None
+    return tuple(tuple(n // shard_count(placed, mesh_shape, d) for d, n in enumerate(v.shape))
+                 for v, placed in zip(values, sharding.inputs))
+
+
+def shard_requests(captured, fx_nodes: dict, timed: set[str], mesh_shape) -> dict[str, set]:
+    """What to time on its shards (`cost.ops.shard_times`) among the `timed` nodes: every split of
+    every node that does FLOPs, as its one-axis rules combine on the mesh, and every split whose
+    rule kinds make the runtime run a kernel of its own (`kernel_split`)."""
+    out: dict[str, set] = {}
+    for name, info in captured.nodes.items():
+        if name not in timed:
+            continue
+        node = fx_nodes[name]
+        whole = tuple(tuple(getattr(a.meta["val"], "shape", ())) for a in tensor_args(node))
+        found = set()
+        for sharding in leader_options(node, mesh_shape):
+            shapes, kernel = shard_shapes(node, sharding, mesh_shape), kernel_split(sharding, mesh_shape)
+            if shapes is not None and (kernel is not None or (info.flops and shapes != whole)):
+                found.add((shapes, kernel))
+        if found:
+            out[name] = found
+    return out
+
+
+def kernel_split(sharding: NodeSharding, mesh_shape) -> NodeSharding | None:
+    """`sharding` when one of its rule kinds, on an axis of more than one device, makes the
+    runtime run a kernel instead of the op (`runtime.lower.kernel_of`), else None."""
+    special = any(kind != "local" and size > 1 for kind, size in zip(sharding.kinds, mesh_shape))
+    return sharding if special else None
+
+
 def split_axes(sharding: NodeSharding) -> tuple[bool, ...]:
     """Per axis: whether the op's work is divided there (some tensor is not replicated)."""
     placements = sharding.inputs + sharding.outputs
@@ -177,10 +214,15 @@ def normalized(placements: Placements) -> Placements:
 
 
 def parts(sharding: NodeSharding, mesh_shape) -> int:
-    """Into how many pieces the op's work is divided."""
+    """Into how many pieces the op's work is divided: the mesh axes on which some tensor of the op
+    is cut. A partial value is whole-sized on every device, so an op on partial sums alone (a
+    residual add of two, P + P → P) does all its work on each, though its result is divided by
+    value (which `split_axes` counts, for the gradients)."""
+    placements = sharding.inputs + sharding.outputs
     count = 1
-    for axis, s in enumerate(split_axes(sharding)):
-        count *= mesh_shape[axis] if s else 1
+    for axis, size in enumerate(mesh_shape):
+        if any(isinstance(p[axis], Shard) for p in placements):
+            count *= size
     return count
 
 

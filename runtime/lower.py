@@ -190,7 +190,7 @@ class _Builder:
             value = self._module(dropout.Dropout(self.world, plan.outputs[0], order, masks, node.name), "dropout",
                                  *args, **kwargs)
         else:
-            kernel = _kernel(node, plan, self.world)
+            kernel = kernel_of(node, plan, self.world)
             if isinstance(kernel, (kernels.BatchMeanLoss, kernels.VocabCrossEntropy)):
                 kwargs = {**kwargs, **self._count(node)}
             elif kernel is None and self.boundary and self.boundary.microbatched and (
@@ -362,7 +362,7 @@ def _local_shape(node: fx.Node, plan: NodePlan, mesh_shape) -> list[int]:
     return [size // shard_count(out, mesh_shape, d) for d, size in enumerate(shape)]
 
 
-def _kernel(node: fx.Node, plan: NodePlan, world: World) -> nn.Module | None:
+def kernel_of(node: fx.Node, plan: NodePlan, world: World) -> nn.Module | None:
     """The kernel for a rule kind other than "local", or None (the op runs as it is)."""
     axes = {}
     for a, kind in enumerate(plan.kinds):

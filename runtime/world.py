@@ -57,6 +57,10 @@ class World:
     timeout: float = DEFAULT_TIMEOUT
     processes: int = 0
     """Processes in the whole job (more than `size` for a pipeline stage's world); 0: `size`."""
+    timing: bool = False
+    """A world made in one process to time the runtime's kernels as one rank runs them
+    (`cost.timers.kernel_timer`): it has no process groups, and its kernels leave out their
+    collectives, which the cost model prices apart."""
     _heart: threading.Thread | None = field(default=None, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 

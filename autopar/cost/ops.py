@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 import torch
 
 from autopar.cost.sampling import Sampler, in_turns
-from autopar.cost.timers import ROUNDS, SAMPLE, Reference, leading, node_timer, nodes_of, op_key
+from autopar.cost.timers import ROUNDS, SAMPLE, Reference, kernel_timer, leading, node_timer, nodes_of, op_key
 from autopar.graph import CapturedGraph
 
 _LARGEST = 256 * 2 ** 20
@@ -122,17 +122,22 @@ def op_times(captured: CapturedGraph, profile, optimizer: str, *, budget: float 
 _SHARDS: dict[tuple, tuple[float, float] | None] = {}
 
 
-def shard_times(captured: CapturedGraph, profile, shards: dict[str, set[tuple]], *,
-                budget: float = 10.0) -> dict[tuple[str, tuple], tuple[float, float]]:
+def shard_times(captured: CapturedGraph, profile, shards: dict[str, set[tuple]], mesh_shape: tuple[int, ...] = (),
+                *, budget: float = 10.0) -> dict[tuple, tuple[float, float]]:
     """(forward, backward) seconds on the profiled device of nodes as one device of a split runs
-    them: node `name` on each of `shards[name]`, a shape per tensor argument. Timed as `op_times`
+    them: for node `name`, each (shapes, sharding) of `shards[name]`, a shape per tensor argument,
+    and the `passes.strategies.NodeSharding` whose rule kinds make the runtime run a kernel of its
+    own on `mesh_shape` (`timers.kernel_timer`), or None for the op itself. Timed as `op_times`
     times a node (in turns, with the reference kernels in the same rounds, scaled alike), once per
-    distinct (op, shard shapes, gradients wanted) and profile; none when `profile` is of a device
-    this machine lacks. What `budget` leaves untimed is missing from the answer.
+    distinct (op, shard shapes, kernel, gradients wanted) and profile, keyed (name, shapes,
+    sharding); none when `profile` is of a device this machine lacks. What `budget` leaves
+    untimed is missing from the answer.
 
     A split's share of a matmul is not its whole time over the ways: the shard's own shape sets
     its rate (a row-parallel linear halves its inner dim, which a small matmul feels more than
-    half its rows), which the fit o + (t − o) / p from the node's halved batch cannot see."""
+    half its rows), which the fit o + (t − o) / p from the node's halved batch cannot see; and a
+    kernel (a vocabulary-parallel cross-entropy's max, exponentials and masks) does more than the
+    op's share."""
     if not measurable(profile):
         return {}
     start = time.perf_counter()
@@ -144,12 +149,13 @@ def shard_times(captured: CapturedGraph, profile, shards: dict[str, set[tuple]],
         node, info = fx_nodes[name], captured.nodes[name]
         grads = tuple(a.name in differentiable for a in nodes_of(node))
         wanted = frozenset(a.name for a in nodes_of(node) if a.name in differentiable)
-        for shapes in sorted(shards[name]):
-            key = (profile, op_key(node), grads, shapes)
-            key_of[(name, shapes)] = key
+        for shapes, sharding in sorted(shards[name], key=repr):
+            key = (profile, op_key(node), grads, shapes, sharding, tuple(mesh_shape) if sharding else ())
+            key_of[(name, shapes, sharding)] = key
             if key in _SHARDS or key in pending or time.perf_counter() - start > budget / ROUNDS:
                 continue
-            pending[key] = node_timer(node, info.requires_grad, device, wanted, shapes=shapes)
+            pending[key] = (node_timer(node, info.requires_grad, device, wanted, shapes=shapes) if sharding is None
+                            else kernel_timer(node, sharding, mesh_shape, shapes, info.requires_grad, device, wanted))
             computes[key] = bool(info.flops)
     live = [t for t in pending.values() if t is not None]
     if live:

@@ -90,7 +90,7 @@ class NodeTimer:
 
 def node_timer(node: torch.fx.Node, requires_grad: bool, device: torch.device,
                 wanted: frozenset[str] | None = None, half: bool = False,
-                shapes: tuple[tuple[int, ...], ...] | None = None) -> NodeTimer | None:
+                shapes: tuple[tuple[int, ...], ...] | None = None, call=None) -> NodeTimer | None:
     """The node's op on random inputs, ready to be sampled; None when it fails on them.
     `wanted`: the inputs whose gradient the step's backward computes (None: every floating one).
     The others are constants to backward: the first linear's batch, a rotary embedding's cos and
@@ -103,7 +103,8 @@ def node_timer(node: torch.fx.Node, requires_grad: bool, device: torch.device,
     `half`: every input whose leading dim is the output's (an even one) gets half of it, as a
     split of the batch makes it; None when the output has no such dim or the op fails so.
     `shapes`: the shape of each tensor argument (flattened order, repeats kept) as a shard, to time
-    the op as one device of a split runs it."""
+    the op as one device of a split runs it; `call`: what runs instead of the op (a kernel of the
+    runtime, `kernel_timer`)."""
     halve = leading(node) if half else None
     if half and halve is None:
         return None
@@ -116,6 +117,7 @@ def node_timer(node: torch.fx.Node, requires_grad: bool, device: torch.device,
                 if isinstance(a, torch.fx.Node) else a for a in flat]
         return pytree.tree_unflatten(made, spec)
 
+    op = call if call is not None else node.target
     first = leaves()
     held = sum(t.numel() * t.element_size() for t in pytree.tree_leaves(first) if isinstance(t, torch.Tensor))
     copies = [first] + [leaves() for _ in range(min(COPIES, ROTATE // max(held, 1)) - 1)]
@@ -123,7 +125,7 @@ def node_timer(node: torch.fx.Node, requires_grad: bool, device: torch.device,
 
     def run():
         args, kwargs = next(turn)
-        return node.target(*args, **kwargs)
+        return op(*args, **kwargs)
 
     try:
         forward = Sampler(run, device, SAMPLE)
@@ -144,13 +146,36 @@ def node_timer(node: torch.fx.Node, requires_grad: bool, device: torch.device,
 
         def both() -> None:
             (args, kwargs), leaves = next(pairs)
-            made = [t for t in pytree.tree_leaves(node.target(*args, **kwargs))
+            made = [t for t in pytree.tree_leaves(op(*args, **kwargs))
                     if isinstance(t, torch.Tensor) and t.requires_grad]
             torch.autograd.grad(made, leaves, grads, allow_unused=True)
 
         return NodeTimer(forward, Sampler(both, device, SAMPLE))
     except (RuntimeError, ValueError, TypeError, IndexError):
         return None
+
+
+def kernel_timer(node: torch.fx.Node, sharding, mesh_shape: tuple[int, ...], shapes, requires_grad: bool,
+                 device: torch.device, wanted: frozenset[str] | None = None) -> NodeTimer | None:
+    """The runtime's kernel for `sharding`'s rule kinds (`runtime.lower.kernel_of`: a vocabulary-
+    parallel cross-entropy or lookup, a linear whose bias joins on one rank, a loss over a split
+    batch), as rank 0 of `mesh_shape` runs it on the shards' `shapes`, in a timing world whose
+    kernels leave out their collectives (priced apart, `passes.sharding`); None when the kinds
+    make no kernel or it fails."""
+    from autopar.plan import NodePlan
+    from autopar.runtime.lower import kernel_of
+    from autopar.runtime.world import World
+    from autopar.vocab import LogicalMesh
+
+    mesh = LogicalMesh(shape=tuple(mesh_shape), devices=tuple(range(math.prod(mesh_shape))))
+    world = World(rank=0, size=mesh.size, device=device, mesh=mesh, coordinate=(0,) * len(mesh_shape),
+                  groups=[None] * len(mesh_shape), timing=True)
+    plan = NodePlan(op=str(node.target), module="", layer=None, inputs=sharding.inputs, outputs=sharding.outputs,
+                    kinds=sharding.kinds)
+    kernel = kernel_of(node, plan, world)
+    if kernel is None:
+        return None
+    return node_timer(node, requires_grad, device, wanted, shapes=shapes, call=kernel)
 
 
 def leading(node: torch.fx.Node) -> int | None:
@@ -187,7 +212,8 @@ class Reference:
         else:
             self.side, elements = min(fp32, key=lambda r: abs(math.log2(r.m / 512))), 2 ** 23
         self.profile = profile
-        a, b = torch.randn(self.side.m, self.side.k, device=device), torch.randn(self.side.k, self.side.n, device=device)
+        a = torch.randn(self.side.m, self.side.k, device=device)
+        b = torch.randn(self.side.k, self.side.n, device=device)
         x, y, z = (torch.ones(elements, device=device) for _ in range(3))
         self.added = 3 * x.numel() * 4
         self.matmul = Sampler(lambda: torch.mm(a, b), device, SAMPLE)

@@ -253,12 +253,14 @@ def test_a_matmul_is_timed_on_the_shards_each_split_gives_it():
     row = ((x[0], x[1] // 2), (w[0], w[1] // 2), *b)  # the inner dim split: a partial sum
     column = (x, (w[0] // 2, w[1]), *((n // 2,) for n, in b))
     batch = ((x[0] // 2, x[1]), w, *b)
-    timed = {shapes for name, shapes in ctx.shards if name == linear}
+    timed = {shapes for name, shapes, _ in ctx.shards if name == linear}
     assert {row, column, batch} <= timed and (x, w, *b) not in timed
     assert all(f > 0 and bw > 0 for f, bw in ctx.shards.values())
     before = len(ops._SHARDS)
-    again = ops.shard_times(captured, profile, {linear: {row}})
-    assert len(ops._SHARDS) == before and again[(linear, row)] == ctx.shards[(linear, row)]  # timed once
+    kernel = next(split for name, shapes, split in ctx.shards if name == linear and shapes == row)
+    again = ops.shard_times(captured, profile, {linear: {(row, kernel)}}, (2,))
+    assert len(ops._SHARDS) == before  # timed once
+    assert again[(linear, row, kernel)] == ctx.shards[(linear, row, kernel)]
     info = captured.nodes[linear]
     split = NodeSharding(inputs=(), outputs=((Shard(0),),))
     assert local_time(info, split, (2,), None, "fp32", profile, (1.0, 1.0), None, (2e-4, 5e-4)) == pytest.approx(7e-4)
@@ -282,3 +284,30 @@ def test_the_fixed_part_is_what_every_microbatch_pays_whole():
     assert fixed_time(info, 1.0, profile, (1e-3, 2e-3), None) == pytest.approx(2e-5)  # the profile's overhead, twice
     assert fixed_time(info, 1.0, profile, (1e-3, 2e-3), (3e-4, 5e-4)) == pytest.approx(8e-4)
     assert fixed_time(info, 6e-4, profile, (1e-3, 2e-3), (3e-4, 5e-4)) == pytest.approx(6e-4)  # never above the share
+
+
+def test_a_split_that_runs_a_kernel_of_the_runtime_is_timed_as_that_kernel():
+    """A vocabulary-parallel cross-entropy (max, exponentials, masks, its own backward) is not the
+    op's share: the planner times the runtime's kernel on the shards, its collectives left out
+    (they are priced apart), as rank 0 runs it."""
+    entry = autopar.models.get("gpt-tiny")
+    inputs, target = entry.example_batch(4, seed=0)
+    captured = capture(entry.build(seed=0, n_layers=1), inputs, loss_fn=entry.loss_fn, target=target)
+    problem = build_problem(captured, LogicalMesh(shape=(2,), devices=(0, 1)),
+                            dataclasses.replace(autopar.Cluster.preset("cpu", gpus_per_node=2), profile=make_profile()))
+    kernels = {(name, split.kinds) for name, _, split in problem.context.shards if split is not None}
+    loss = next(n for n, i in captured.nodes.items() if i.op == "aten.cross_entropy_loss.default")
+    assert (loss, ("vocab_cross_entropy",)) in kernels
+    assert any(kinds == ("partial_bias",) for _, kinds in kernels)  # a row-parallel linear's bias on one rank
+    assert all(f > 0 for (_, _, split), (f, b) in problem.context.shards.items() if split is not None)
+
+
+def test_a_partial_value_does_not_divide_the_work_of_an_op_on_it():
+    """P + P → P (a residual stream kept as partial sums) adds whole tensors on every device."""
+    from torch.distributed.tensor import Partial
+
+    from autopar.passes.strategies import parts
+
+    assert parts(NodeSharding(inputs=((Partial(),), (Partial(),)), outputs=((Partial(),),)), (2,)) == 1
+    assert parts(NodeSharding(inputs=((Shard(1),), (Shard(0),)), outputs=((Partial(),),)), (2,)) == 2
+    assert parts(NodeSharding(inputs=((Shard(0), Partial()),), outputs=((Shard(0), Partial()),)), (2, 4)) == 2
