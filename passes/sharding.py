@@ -321,9 +321,7 @@ def _with_params(ctx: Context, unit: Unit, base: Strategy) -> list[Strategy]:
     levels = sorted({o.level for opts in choices.values() for o in opts})
     out = []
     for level in levels:
-        strategy = Strategy(members=base.members, params={}, compute=base.compute, comm=base.comm, fixed=base.fixed,
-                            optimizer=base.optimizer, activations=base.activations, state=base.state,
-                            sync=base.sync, gathers=base.gathers, collectives=list(base.collectives))
+        strategy = dataclasses.replace(base, params={}, collectives=list(base.collectives), buckets=dict(base.buckets))
         for (m, j, arg) in owned:
             opts = choices[(m, j)]
             pick = next((o for o in opts if o.level == level), max(opts, key=lambda o: o.level))

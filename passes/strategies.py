@@ -252,8 +252,7 @@ def local_time(node_info, sharding: NodeSharding, mesh_shape, device, dtype: str
         return 0.0
     parts_ = parts(sharding, mesh_shape)
     if measured is not None:
-        o = profile.kernel_overhead if profile is not None else 0.0
-        own = fixed if fixed is not None else (o, o)
+        own = _own_fixed(profile, fixed)
         share = [f + max(t - f, 0.0) / parts_ if t > 0 else 0.0 for t, f in zip(measured, own)]
         return share[0] + (share[1] if node_info.requires_grad else 0.0)
     forward = kernel_time(node_info.flops / parts_, node_info.bytes_moved / parts_, device, dtype, profile)
@@ -273,9 +272,17 @@ def fixed_time(node_info, share: float, profile=None, measured: tuple[float, flo
     f + (t − f) / m each, not t / m (the half-batch fit of `local_time`, applied to microbatches)."""
     if measured is None:
         return 0.0
-    o = profile.kernel_overhead if profile is not None else 0.0
-    own = fixed if fixed is not None else (o, o)
+    own = _own_fixed(profile, fixed)
     return min(own[0] + (own[1] if node_info.requires_grad else 0.0), share)
+
+
+def _own_fixed(profile, fixed: tuple[float, float] | None) -> tuple[float, float]:
+    """A measured node's (forward, backward) fixed part: its own, or else the profile's kernel
+    overhead each way."""
+    if fixed is not None:
+        return fixed
+    o = profile.kernel_overhead if profile is not None else 0.0
+    return o, o
 
 
 def param_options(use: Placements, split: tuple[bool, ...], shape: tuple[int, ...],

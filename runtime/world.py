@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 import socket
 import threading
@@ -63,6 +64,14 @@ class World:
     collectives, which the cost model prices apart."""
     _heart: threading.Thread | None = field(default=None, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @classmethod
+    def for_timing(cls, mesh_shape: tuple[int, ...], device: torch.device) -> World:
+        """Rank 0 of a mesh of `mesh_shape`, made in one process with no process groups, to time
+        what a rank runs (`cost.timers`); its kernels leave out their collectives (`timing`)."""
+        mesh = LogicalMesh(shape=tuple(mesh_shape), devices=tuple(range(math.prod(mesh_shape))))
+        return cls(rank=0, size=mesh.size, device=device, mesh=mesh, coordinate=(0,) * len(mesh_shape),
+                   groups=[None] * len(mesh_shape), timing=True)
 
     @classmethod
     def create(cls, mesh: LogicalMesh, timeout: float = DEFAULT_TIMEOUT) -> World:

@@ -147,8 +147,7 @@ def shard_times(captured: CapturedGraph, profile, shards: dict[str, set[tuple]],
     key_of, pending, computes = {}, {}, {}
     for name in sorted(shards):
         node, info = fx_nodes[name], captured.nodes[name]
-        grads = tuple(a.name in differentiable for a in nodes_of(node))
-        wanted = frozenset(a.name for a in nodes_of(node) if a.name in differentiable)
+        grads, wanted = _gradients(node, differentiable)
         for shapes, sharding in sorted(shards[name], key=repr):
             key = (profile, op_key(node), grads, shapes, sharding, tuple(mesh_shape) if sharding else ())
             key_of[(name, shapes, sharding)] = key
@@ -179,6 +178,13 @@ def _differentiable(captured: CapturedGraph) -> set[str]:
     return out | {p.placeholder for p in captured.params.values() if p.requires_grad}
 
 
+def _gradients(node: torch.fx.Node, differentiable: set[str]) -> tuple[tuple[bool, ...], frozenset[str]]:
+    """Per tensor argument by position, whether the step computes its gradient (nodes that differ
+    only in names share timings), and the names of those arguments."""
+    args = nodes_of(node)
+    return tuple(a.name in differentiable for a in args), frozenset(a.name for a in args if a.name in differentiable)
+
+
 def _measure(captured: CapturedGraph, profile, optimizer: str, budget: float) -> OpTimes:
     from autopar.passes.units import roles
 
@@ -196,10 +202,9 @@ def _measure(captured: CapturedGraph, profile, optimizer: str, budget: float) ->
             continue
         if time.perf_counter() - start > budget / ROUNDS or not _small(info, profile):
             continue  # each node prepared costs about as much again every round
-        grads = tuple(a.name in differentiable for a in nodes_of(node))  # by position: shared timings
+        grads, wanted = _gradients(node, differentiable)
         key = (op_key(node), grads)
         if key not in timers:
-            wanted = frozenset(a.name for a in nodes_of(node) if a.name in differentiable)
             timers[key] = node_timer(node, info.requires_grad, device, wanted)
             halves[key] = node_timer(node, info.requires_grad, device, wanted, half=True) if timers[key] else None
         if timers[key] is not None:
@@ -284,9 +289,6 @@ def _reshard_node(device: torch.device):
 
     from autopar.runtime.collectives import Reshard, ReshardSpec
     from autopar.runtime.world import World
-    from autopar.vocab import LogicalMesh
 
-    mesh = LogicalMesh(shape=(2,), devices=(0, 1))
-    world = World(rank=0, size=2, device=device, mesh=mesh, coordinate=(0,), groups=[None])
     return Reshard(ReshardSpec(src=(Replicate(),), dst=(Shard(0),), grad_in=(Shard(0),), grad_out=(Partial(),)),
-                   world)
+                   World.for_timing((2,), device))

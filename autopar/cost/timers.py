@@ -165,11 +165,8 @@ def kernel_timer(node: torch.fx.Node, sharding, mesh_shape: tuple[int, ...], sha
     from autopar.plan import NodePlan
     from autopar.runtime.lower import kernel_of
     from autopar.runtime.world import World
-    from autopar.vocab import LogicalMesh
 
-    mesh = LogicalMesh(shape=tuple(mesh_shape), devices=tuple(range(math.prod(mesh_shape))))
-    world = World(rank=0, size=mesh.size, device=device, mesh=mesh, coordinate=(0,) * len(mesh_shape),
-                  groups=[None] * len(mesh_shape), timing=True)
+    world = World.for_timing(mesh_shape, device)
     plan = NodePlan(op=str(node.target), module="", layer=None, inputs=sharding.inputs, outputs=sharding.outputs,
                     kinds=sharding.kinds)
     kernel = kernel_of(node, plan, world)
