@@ -11,6 +11,11 @@ its units' strategies (compute, collectives inside, optimizer) and of its edges:
 that leaves one unit in placement a and enters another in placement b, the forward reshard a → b
 and the backward reshard of its gradient (`passes.reshard`). Units that identical layers share
 are priced once and counted as often as they occur.
+
+On a mesh of p > 1 devices each node's computation is priced as the slowest rank pays it, its
+share (`strategies.local_time`) times 1 + s_p, s_p the profiled excess of the slowest of p ranks
+over the same computation (`cost.profile.StraggleFit`): the ranks meet in collectives, so a step
+lasts as long as the rank that was slowest since they last met.
 """
 
 from __future__ import annotations
@@ -117,6 +122,8 @@ class Context:
     shards: dict = field(default_factory=dict)
     """(node, its tensor arguments' shard shapes) → (forward, backward) seconds of the op on those
     shards (`cost.ops.shard_times`): the matmul-like nodes, on every split their rules allow."""
+    straggle: float = 0.0
+    """The slowest rank's excess over the same computation on this mesh (`cost.profile.StraggleFit`)."""
     unit_of: dict[str, int] = field(default_factory=dict)
     owner: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     """Parameter placeholder → (unit, member position, argument position) of its first use."""
@@ -148,7 +155,8 @@ def build_problem(captured: CapturedGraph, mesh: LogicalMesh, cluster: Cluster,
     ctx = Context(captured=captured, roles=graph_roles, mesh=mesh, resharder=Resharder(mesh, CommModel(cluster)),
                   device=cluster.device, profile=cluster.profile, options=options,
                   ops=op_times(captured, cluster.profile, options.optimizer),
-                  fx_nodes={n.name: n for n in captured.program.graph.nodes}, unit_of=unit_of)
+                  fx_nodes={n.name: n for n in captured.program.graph.nodes}, unit_of=unit_of,
+                  straggle=cluster.profile.straggle_share(mesh.size) if cluster.profile is not None else 0.0)
     if ctx.ops is not None:
         wanted = shard_requests(captured, ctx.fx_nodes, set(ctx.ops.nodes), mesh.shape)
         ctx.shards = shard_times(captured, cluster.profile, wanted, mesh.shape)
@@ -269,7 +277,8 @@ def _price_members(ctx: Context, unit: Unit, strategy: Strategy) -> None:
         fixed = ctx.ops.fixed.get(name) if ctx.ops is not None else None
         local = ctx.shards.get((name, shard_shapes(ctx.fx_nodes[name], sharding, shape),
                                 kernel_split(sharding, shape))) if ctx.shards else None
-        share = local_time(info, sharding, shape, ctx.device, dtype, ctx.profile, measured, fixed, local)
+        share = local_time(info, sharding, shape, ctx.device, dtype, ctx.profile, measured, fixed,
+                           local) * (1 + ctx.straggle)
         strategy.compute += share
         strategy.fixed += fixed_time(info, share, ctx.profile, measured, fixed)
         strategy.activations += saved_memory(info, sharding, shape)

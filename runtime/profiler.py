@@ -19,7 +19,10 @@ rank's (all-reduce MAX):
   timed as a step meets them (`in_step_seconds`: after a chunk of computation, not right after a
   barrier), over message sizes 4 KiB .. 64 MiB (--quick: 4 KiB .. 2 MiB), every size of every
   kind taking turns round by round, each the trimmed mean of its repeats (a step pays the mean);
-  α and β least-squares fitted per (collective, group size, scope).
+  α and β least-squares fitted per (collective, group size, scope);
+- the slowest rank's excess: a chunk of mixed kernels on every rank in rounds started together, the
+  slowest of each group of p ranks against its slowest mean, per group size
+  (`runtime.profile_straggle`).
 
 The cluster written is `presets.local()`'s with the measured figures (`cost.profile.calibrated`).
 Device memory is the GPU's; on CPU ranks it is the machine's RAM (os.sysconf) divided by the ranks
@@ -47,6 +50,7 @@ from autopar.errors import AutoparError
 from autopar.progress import Bar
 from autopar.runtime.launch import CPU_ONLY, add_device_argument, check_local_ranks
 from autopar.runtime.profile_collectives import group_sizes, measure_collectives, rounds
+from autopar.runtime.profile_straggle import measure_straggle
 from autopar.runtime.timing import max_over_ranks, median_seconds, seconds_per_call
 from autopar.runtime.world import free_port
 
@@ -68,6 +72,12 @@ class Settings:
     message_sizes: tuple[int, ...]
     """Bytes."""
     repeats: int
+    straggle_rounds: int = 30
+    """Rounds of the slowest-rank measurement (`runtime.profile_straggle`)."""
+    straggle_seconds: float = 0.08
+    """Seconds of its chunk of computation: about a step's. How much the slowest rank adds depends on
+    it (4 gloo ranks on 2 cores: +40%, +10% and +14% over chunks of 20, 60 and 150 ms; their steps'
+    forward and backward, 60-100 ms: +7% to +17%)."""
     sample: float = 0.0
     """Least seconds one timed sample of a kernel lasts. CPU ranks sharing cores are time-sliced
     by the OS in slices of milliseconds: a shorter sample may run alone on a core and miss the
@@ -78,7 +88,8 @@ class Settings:
         if quick:
             return cls(sides=(256, 1024, 4096) if cuda else (64, 256, 1024), matmul_budget=0.02,
                        stream_elements=(64 if cuda else 16) * MiB, repeats=5,
-                       message_sizes=(4 * KiB, 32 * KiB, 256 * KiB, 2 * MiB), sample=0.0 if cuda else 0.02)
+                       message_sizes=(4 * KiB, 32 * KiB, 256 * KiB, 2 * MiB), sample=0.0 if cuda else 0.02,
+                       straggle_rounds=8, straggle_seconds=0.01)
         return cls(sides=(256, 1024, 2048, 4096, 8192) if cuda else (64, 128, 256, 512, 1024, 2048, 4096),
                    matmul_budget=0.3, stream_elements=(256 if cuda else 32) * MiB,
                    message_sizes=tuple(4 * KiB * 4 ** i for i in range(8)), repeats=5, sample=0.0 if cuda else 0.05)
@@ -194,7 +205,8 @@ def profile_world(*, quick: bool = False, progress: bool = True) -> Profile:
     settings = Settings.make(quick=quick, cuda=device.type == "cuda")
     dtypes = _dtypes(device)
     collective_steps = len(group_sizes(world, per_node)) * rounds(settings) if world > 1 else 0
-    total = len(dtypes) * len(settings.sides) + settings.repeats + 2 + collective_steps
+    straggle_steps = settings.straggle_rounds if world > 1 else 0
+    total = len(dtypes) * len(settings.sides) + settings.repeats + 2 + collective_steps + straggle_steps
     shown = progress and (not dist.is_initialized() or dist.get_rank() == 0)
     with Bar(total, "profile", stream=None if shown else io.StringIO()) as bar:
         if dist.is_initialized():
@@ -202,9 +214,12 @@ def profile_world(*, quick: bool = False, progress: bool = True) -> Profile:
         matmul = measure_matmul(settings, device, dtypes, bar)
         bandwidth, overhead = measure_memory(settings, device, bar)
         collectives = measure_collectives(settings, device, per_node, bar) if world > 1 else ()
+        straggle = measure_straggle(device, per_node, seconds=settings.straggle_seconds,
+                                    rounds=settings.straggle_rounds,
+                                    progress=lambda: bar.advance("slowest rank")) if world > 1 else ()
     backend = dist.get_backend() if dist.is_initialized() else ("nccl" if device.type == "cuda" else "gloo")
     return Profile(backend=backend, matmul=matmul, memory_bandwidth=bandwidth, kernel_overhead=overhead,
-                   collectives=collectives)
+                   collectives=collectives, straggle=straggle)
 
 
 def _this_device() -> torch.device:
@@ -296,6 +311,9 @@ def report(profile: Profile) -> str:
     lines += [f"| {r.dtype} | {r.m} | {r.rate / 1e9:,.1f} |" for r in profile.matmul]
     lines += ["", f"memory bandwidth {profile.memory_bandwidth / 1e9:,.2f} GB/s; kernel overhead "
               f"{fmt_seconds(profile.kernel_overhead)}; backend {profile.backend}", ""]
+    if profile.straggle:
+        lines += ["slowest rank of p over the same computation: "
+                  + ", ".join(f"p={s.group_size} +{s.share:.1%}" for s in profile.straggle), ""]
     if profile.collectives:
         lines += ["collectives: time = α + n·β (least squares)",
                   "| collective | p | scope | α | 1/β (GB/s) | residual |", "|---|---:|---|---:|---:|---:|"]

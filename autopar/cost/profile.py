@@ -114,6 +114,27 @@ class CollectiveFit:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class StraggleFit:
+    """How much longer than its mean the slowest of `group_size` ranks takes over the same
+    computation, all starting together:
+
+        share = E_round[max_r t_r] / max_r E_round[t_r] − 1
+
+    t_r one rank's time of one round. A step whose ranks meet in a collective lasts as long as its
+    slowest rank; the rates the planner scales by are each the slowest rank's mean (max over ranks
+    of per-rank means), which misses that the slowest rank differs from round to round."""
+
+    group_size: int
+    share: float
+
+    def __post_init__(self) -> None:
+        _check_number("StraggleFit", "group_size", self.group_size, positive=True, integer=True)
+        if self.group_size < 2:
+            raise ValueError(f"StraggleFit.group_size: found {self.group_size}, required >= 2")
+        _check_number("StraggleFit", "share", self.share, positive=False)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Profile:
     """Measured figures of one device and of the collectives between devices (max over ranks)."""
 
@@ -127,12 +148,17 @@ class Profile:
     """Seconds of one tiny element-wise kernel, run forward or backward through autograd: dispatch on a
     CPU rank, launch on a GPU."""
     collectives: tuple[CollectiveFit, ...]
+    straggle: tuple[StraggleFit, ...] = ()
+    """Per group size, the slowest rank's excess over the same computation (`StraggleFit`); none in
+    files written before it was measured (no excess is priced then)."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"Profile.backend: found {self.backend!r}, required one of {', '.join(BACKENDS)}")
         _check_tuple("Profile.matmul", self.matmul, MatmulRate)
         _check_tuple("Profile.collectives", self.collectives, CollectiveFit)
+        _check_tuple("Profile.straggle", self.straggle, StraggleFit)
+        _check_unique("Profile.straggle", [(s.group_size,) for s in self.straggle])
         if not any(r.dtype == "fp32" for r in self.matmul):
             raise ValueError("Profile.matmul: found no fp32 entry, required at least one (every device computes fp32)")
         _check_unique("Profile.matmul", [(r.dtype, r.m, r.k, r.n) for r in self.matmul])
@@ -169,11 +195,20 @@ class Profile:
             return None
         return min(fits, key=lambda c: (abs(math.log2(c.group_size / group_size)), c.group_size))
 
+    def straggle_share(self, group_size: int) -> float:
+        """`StraggleFit.share` of `group_size` ranks: its own, else the nearest measured size's (log
+        scale); 0 for one rank or when none was measured."""
+        if group_size < 2 or not self.straggle:
+            return 0.0
+        return min(self.straggle, key=lambda s: (abs(math.log2(s.group_size / group_size)), s.group_size)).share
+
     @classmethod
     def from_dict(cls, data: Any) -> Profile:
         """Field by field, as `Cluster.from_dict`: unknown, missing or wrong-typed fields raise."""
         fields = _read_fields("Cluster.profile", data, cls)
-        for name, kind in (("matmul", MatmulRate), ("collectives", CollectiveFit)):
+        for name, kind in (("matmul", MatmulRate), ("collectives", CollectiveFit), ("straggle", StraggleFit)):
+            if name not in fields:
+                continue  # optional (`straggle`); a missing required one was reported above
             items = fields[name]
             if not isinstance(items, list):
                 raise ValueError(f"Cluster.profile.{name}: found {type(items).__name__}, required a JSON array")

@@ -14,10 +14,11 @@ from autopar.cli import main
 from autopar.cost.comm import CommModel, flat_cost
 from autopar.cost.compute import ComputeModel, roofline_time
 from autopar.cost import sampling
-from autopar.cost.profile import PROFILED, CollectiveFit, MatmulRate, Profile, calibrated, fit_alpha_beta
+from autopar.cost.profile import (PROFILED, CollectiveFit, MatmulRate, Profile, StraggleFit, calibrated,
+                                  fit_alpha_beta)
 from autopar.errors import AutoparError
 from autopar.graph import NodeInfo, TensorMeta
-from autopar.runtime import profile_collectives, profiler
+from autopar.runtime import profile_collectives, profile_straggle, profiler
 
 SIZES = [4096 * 4 ** i for i in range(8)]
 
@@ -69,6 +70,31 @@ def test_profile_round_trips_through_cluster_json(tmp_path):
     assert Cluster.from_json(plain.to_json()) == plain and Cluster.from_json(plain.to_json()).profile is None
 
 
+def test_straggle_share_by_group_size_and_files_without_it():
+    profile = make_profile(straggle=(StraggleFit(group_size=2, share=0.05), StraggleFit(group_size=8, share=0.2)))
+    assert profile.straggle_share(1) == 0.0  # one rank waits for no one
+    assert profile.straggle_share(2) == 0.05 and profile.straggle_share(8) == 0.2
+    assert profile.straggle_share(16) == 0.2 and profile.straggle_share(3) == 0.05  # the nearest size, log scale
+    assert make_profile().straggle_share(4) == 0.0  # none measured: none priced
+    data = json.loads(profiled_cluster(straggle=profile.straggle).to_json())
+    assert Cluster.from_dict(data).profile.straggle == profile.straggle
+    del data["profile"]["straggle"]  # a file written before the field existed
+    assert Cluster.from_dict(data).profile.straggle == ()
+
+
+def test_straggle_is_the_slowest_rank_per_round_over_the_slowest_mean():
+    # Ranks that take turns being slow: each round's slowest takes 2, each rank's mean is 1.5.
+    turns = [[1.0, 2.0] * 10, [2.0, 1.0] * 10]
+    (fit,) = profile_straggle.shares(turns, per_node=2)
+    assert fit.group_size == 2 and fit.share == pytest.approx(2 / 1.5 - 1)
+    # A rank slow every round is already in the rates (each the slowest rank's mean): no excess.
+    (steady,) = profile_straggle.shares([[1.0] * 20, [2.0] * 20], per_node=2)
+    assert steady.share == 0.0
+    # Four ranks: groups of 2 (ranks 0-1, 2-3) and of 4, each its own share.
+    four = profile_straggle.shares([[1.0] * 20, [1.0] * 20, [1.0, 3.0] * 10, [3.0, 1.0] * 10], per_node=4)
+    assert [(f.group_size, round(f.share, 6)) for f in four] == [(2, round((0 + 0.5) / 2, 6)), (4, 0.5)]
+
+
 def test_calibration_sets_device_and_links_from_the_measurement():
     cluster = profiled_cluster()
     d = cluster.device
@@ -101,6 +127,9 @@ def profile_dict():
     (lambda p: p["collectives"][0].update(alpha=None), r"CollectiveFit.alpha: found None \(NoneType\), required a"),
     (lambda p: p["collectives"][-1].update(group_size=4), r"group_size: found 4 for send_recv, required 2"),
     (lambda p: p["collectives"].append(p["collectives"][0]), r"Profile.collectives: found repeated entries"),
+    (lambda p: p.update(straggle=[{"group_size": 1, "share": 0.1}]), r"StraggleFit.group_size: found 1, required >= 2"),
+    (lambda p: p.update(straggle=[{"group_size": 2, "share": -0.1}]), r"StraggleFit.share: found -0.1, required >= 0"),
+    (lambda p: p.update(straggle=[{"group_size": 2, "share": 0.1}] * 2), r"Profile.straggle: found repeated entries"),
 ])
 def test_malformed_profile_fields_raise(edit, message):
     data = json.loads(profiled_cluster().to_json())
@@ -266,6 +295,7 @@ def test_quick_profile_on_two_gloo_ranks(quick_profile):
     assert {c.kind for c in profile.collectives if c.group_size == 2 and c.scope == "intra"} == set(PROFILED)
     assert all(c.alpha + (1 << 20) * c.beta > 0 for c in profile.collectives)
     assert {r.dtype for r in profile.matmul} >= {"fp32"}
+    assert [s.group_size for s in profile.straggle] == [2] and math.isfinite(profile.straggle[0].share)
 
 
 def test_plan_on_the_profiled_cluster(quick_profile):

@@ -156,3 +156,24 @@ def test_gradient_buckets_pay_their_latency_once():
     solution = solve(problem)
     assert solution.step_time == pytest.approx(brute_force(problem), rel=1e-9)
     assert solution.objective == pytest.approx(solution.step_time, rel=1e-6)
+
+
+def test_computation_on_several_ranks_is_priced_as_the_slowest_rank_pays_it():
+    """Each node's share times 1 + s_p (`cost.profile.StraggleFit`) on a mesh of p > 1; none on one
+    device. An NCCL profile on this CPU machine prices from FLOPs and bytes: no timing noise."""
+    from tests.autopar.test_profile import make_profile
+    from autopar.cost.profile import StraggleFit, calibrated
+
+    x, y = torch.randn(8, 8), torch.randn(8, 8)
+    straggle = (StraggleFit(group_size=2, share=0.25),)
+
+    def cluster(**change):
+        return calibrated(Cluster.preset("h100", nodes=1, gpus_per_node=2), make_profile(backend="nccl", **change))
+
+    for shape, expected in (((2,), 1.25), ((1,), 1.0)):
+        plain = problem_for(TwoLayers(), x, y, shape, cluster())
+        slow = problem_for(TwoLayers(), x, y, shape, cluster(straggle=straggle))
+        pairs = [(a.compute, b.compute) for u in plain.strategies
+                 for a, b in zip(plain.strategies[u], slow.strategies[u], strict=True)]
+        assert pairs and all(b == pytest.approx(a * expected) for a, b in pairs if a > 0)
+        assert slow.context.straggle == expected - 1

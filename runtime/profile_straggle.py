@@ -1,0 +1,92 @@
+"""The slowest rank's excess: what a step that synchronizes its ranks pays beyond each rank's mean
+computation (`autopar.cost.profile.StraggleFit`).
+
+Every rank runs the same chunk of computation (matmuls, an add, a layer norm, a GELU: the kinds of
+kernel a step runs), `rounds` times, each round started together after a barrier; the per-rank
+times of every round are gathered, and for every group size p of `profile_collectives.group_sizes`
+and each of its groups g:
+
+    share_g = trimmed_mean_round(max_{r∈g} t_r) / max_{r∈g} trimmed_mean_round(t_r) − 1
+
+averaged over the groups (trimmed: a burst of another program's load lands on a few rounds). The
+denominator is how the profile's rates are taken (each the slowest rank's mean, `max_over_ranks`),
+so the share adds only what those rates miss: that the slowest rank changes from round to round.
+On 2 gloo ranks of a 2-core machine the training steps of three zoo models paid 5-6% of their
+computation this way (the mean over 20 steps of the slowest rank's backward against the mean rank's).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from autopar.cost.profile import StraggleFit
+from autopar.cost.sampling import trimmed_mean
+from autopar.runtime.profile_collectives import group_sizes, groups
+from autopar.runtime.timing import max_over_ranks, seconds_per_call, sync
+
+
+def mixed(device: torch.device, repeats: int):
+    """`repeats` times a matmul, an add, a layer norm and a GELU on (256, 256) fp32 tensors (1024 on
+    a GPU), as a call: about 0.65 ms per repeat on one core of the 2-core machine of BENCHMARKS.md."""
+    side = 1024 if device.type == "cuda" else 256
+    a, b = torch.randn(side, side, device=device), torch.randn(side, side, device=device)
+    x, y = torch.randn(side * side, device=device), torch.randn(side * side, device=device)
+
+    def call() -> None:
+        for _ in range(repeats):
+            torch.mm(a, b)
+            torch.add(x, y)
+            torch.nn.functional.layer_norm(a, (side,))
+            torch.nn.functional.gelu(a)
+    return call
+
+
+def chunk(device: torch.device, seconds: float):
+    """`mixed` of about `seconds`, the same number of repeats on every rank (collective)."""
+    once = mixed(device, 1)
+    once()
+    each = max_over_ranks([seconds_per_call(once, device, 4)], device)[0]
+    return mixed(device, max(1, round(seconds / max(each, 1e-9))))
+
+
+def round_times(call, device: torch.device, rounds: int, progress=None) -> list[list[float]]:
+    """Seconds of `call` on every rank (outer list) in each of `rounds` rounds started together."""
+    mine = []
+    for _ in range(rounds):
+        dist.barrier()
+        sync(device)
+        start = time.perf_counter()
+        call()
+        sync(device)
+        mine.append(time.perf_counter() - start)
+        if progress is not None:
+            progress()
+    local = torch.tensor(mine, dtype=torch.float64, device=device)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return [t.tolist() for t in gathered]
+
+
+def shares(times: list[list[float]], per_node: int) -> tuple[StraggleFit, ...]:
+    """`StraggleFit` per group size of `group_sizes(len(times), per_node)`, from every rank's round
+    times (see the module docstring)."""
+    world, out = len(times), {}
+    for p, scope in group_sizes(world, per_node):
+        if p in out:
+            continue
+        found = []
+        for members in groups(p, world, per_node, scope):
+            slowest = trimmed_mean([max(times[r][i] for r in members) for i in range(len(times[0]))])
+            found.append(slowest / max(trimmed_mean(times[r]) for r in members) - 1.0)
+        if found:
+            out[p] = StraggleFit(group_size=p, share=max(sum(found) / len(found), 0.0))
+    return tuple(out.values())
+
+
+def measure_straggle(device: torch.device, per_node: int, *, seconds: float, rounds: int,
+                     progress=None) -> tuple[StraggleFit, ...]:
+    """Collective over every rank: the chunk timed in `rounds` rounds, and the shares fitted."""
+    return shares(round_times(chunk(device, seconds), device, rounds, progress), per_node)
