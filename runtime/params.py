@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from torch.distributed.tensor import Replicate
+from torch.distributed.tensor import Partial, Replicate
 
 from autopar.plan import ParamPlan
 from autopar.runtime.collectives import Reshard, ReshardSpec, transform
@@ -156,8 +156,10 @@ def _replicated(plan: ParamPlan) -> Placements:
 def make_holder(name: str, plan: ParamPlan, full: torch.Tensor, raw: Placements, requires_grad: bool,
                 world: World, bucketed: bool = True) -> Holder:
     """`raw`: the gradient's placement as the parameter's first op produces it (partial on the axes
-    where that op splits the work but keeps the parameter whole). `bucketed`: a DDP-level partial
+    where that op splits the work but keeps the parameter whole; a partial sum over one device is
+    whole, so an axis of size 1 makes no gather node). `bucketed`: a DDP-level partial
     gradient is left partial here and all-reduced in buckets after backward (`runtime.sync`)."""
+    raw = tuple(Replicate() if isinstance(p, Partial) and world.axis_size(a) == 1 else p for a, p in enumerate(raw))
     leaf_placement = plan.grad if plan.level in (1, 2) else plan.storage
     local = transform(full.detach().to(world.device), _replicated(plan), leaf_placement, world).clone()
     holder = Holder(name=name, plan=plan, world=world, leaf=nn.Parameter(local, requires_grad=requires_grad),
