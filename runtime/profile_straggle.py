@@ -11,8 +11,11 @@ and each of its groups g:
 averaged over the groups (trimmed: a burst of another program's load lands on a few rounds). The
 denominator is how the profile's rates are taken (each the slowest rank's mean, `max_over_ranks`),
 so the share adds only what those rates miss: that the slowest rank changes from round to round.
-On 2 gloo ranks of a 2-core machine the training steps of three zoo models paid 5-6% of their
-computation this way (the mean over 20 steps of the slowest rank's backward against the mean rank's).
+How much it adds depends on the chunk's length (4 gloo ranks on 2 cores: +40%, +10% and +14% over
+chunks of 20, 60 and 150 ms), so the chunk lasts about a step (`profiler.Settings`); over 20 steps
+of the zoo's GPT and Llama, data-parallel on those 4 ranks, each step's slowest forward and backward
+took 17% and 7% longer than the slowest rank's mean, and the profile of BENCHMARKS.md read +14.1%
+(2 ranks on the 2 cores: +0.8%).
 """
 
 from __future__ import annotations

@@ -75,9 +75,8 @@ class Settings:
     straggle_rounds: int = 30
     """Rounds of the slowest-rank measurement (`runtime.profile_straggle`)."""
     straggle_seconds: float = 0.08
-    """Seconds of its chunk of computation: about a step's. How much the slowest rank adds depends on
-    it (4 gloo ranks on 2 cores: +40%, +10% and +14% over chunks of 20, 60 and 150 ms; their steps'
-    forward and backward, 60-100 ms: +7% to +17%)."""
+    """Seconds of its chunk of computation: about a step's, since the share depends on it
+    (`runtime.profile_straggle`)."""
     sample: float = 0.0
     """Least seconds one timed sample of a kernel lasts. CPU ranks sharing cores are time-sliced
     by the OS in slices of milliseconds: a shorter sample may run alone on a core and miss the
