@@ -20,39 +20,37 @@ took 17% and 7% longer than the slowest rank's mean, and the profile of BENCHMAR
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.distributed as dist
 
 from autopar.cost.profile import StraggleFit
 from autopar.cost.sampling import trimmed_mean
 from autopar.runtime.profile_collectives import group_sizes, groups
-from autopar.runtime.timing import max_over_ranks, seconds_per_call, sync
+from autopar.runtime.timing import max_over_ranks, seconds_per_call
 
 
-def mixed(device: torch.device, repeats: int):
-    """`repeats` times a matmul, an add, a layer norm and a GELU on (256, 256) fp32 tensors (1024 on
-    a GPU), as a call: about 0.65 ms per repeat on one core of the 2-core machine of BENCHMARKS.md."""
+def chunk(device: torch.device, seconds: float):
+    """A call of about `seconds`: a matmul, an add, a layer norm and a GELU on (256, 256) fp32
+    tensors (1024 on a GPU), about 0.65 ms on one core of the 2-core machine of BENCHMARKS.md,
+    repeated; the same number of repeats on every rank (collective)."""
     side = 1024 if device.type == "cuda" else 256
     a, b = torch.randn(side, side, device=device), torch.randn(side, side, device=device)
     x, y = torch.randn(side * side, device=device), torch.randn(side * side, device=device)
 
-    def call() -> None:
-        for _ in range(repeats):
-            torch.mm(a, b)
-            torch.add(x, y)
-            torch.nn.functional.layer_norm(a, (side,))
-            torch.nn.functional.gelu(a)
-    return call
+    def once() -> None:
+        torch.mm(a, b)
+        torch.add(x, y)
+        torch.nn.functional.layer_norm(a, (side,))
+        torch.nn.functional.gelu(a)
 
-
-def chunk(device: torch.device, seconds: float):
-    """`mixed` of about `seconds`, the same number of repeats on every rank (collective)."""
-    once = mixed(device, 1)
     once()
     each = max_over_ranks([seconds_per_call(once, device, 4)], device)[0]
-    return mixed(device, max(1, round(seconds / max(each, 1e-9))))
+    repeats = max(1, round(seconds / max(each, 1e-9)))
+
+    def call() -> None:
+        for _ in range(repeats):
+            once()
+    return call
 
 
 def round_times(call, device: torch.device, rounds: int, progress=None) -> list[list[float]]:
@@ -60,11 +58,7 @@ def round_times(call, device: torch.device, rounds: int, progress=None) -> list[
     mine = []
     for _ in range(rounds):
         dist.barrier()
-        sync(device)
-        start = time.perf_counter()
-        call()
-        sync(device)
-        mine.append(time.perf_counter() - start)
+        mine.append(seconds_per_call(call, device, 1))
         if progress is not None:
             progress()
     local = torch.tensor(mine, dtype=torch.float64, device=device)

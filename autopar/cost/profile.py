@@ -190,17 +190,13 @@ class Profile:
 
     def collective(self, kind: str, group_size: int, scope: str) -> CollectiveFit | None:
         """The fit for exactly this group size, else the one of the nearest measured size (log scale)."""
-        fits = [c for c in self.collectives if c.kind == kind and c.scope == scope]
-        if not fits:
-            return None
-        return min(fits, key=lambda c: (abs(math.log2(c.group_size / group_size)), c.group_size))
+        return _nearest([c for c in self.collectives if c.kind == kind and c.scope == scope], group_size)
 
     def straggle_share(self, group_size: int) -> float:
         """`StraggleFit.share` of `group_size` ranks: its own, else the nearest measured size's (log
         scale); 0 for one rank or when none was measured."""
-        if group_size < 2 or not self.straggle:
-            return 0.0
-        return min(self.straggle, key=lambda s: (abs(math.log2(s.group_size / group_size)), s.group_size)).share
+        fit = _nearest(self.straggle, group_size) if group_size > 1 else None
+        return fit.share if fit is not None else 0.0
 
     @classmethod
     def from_dict(cls, data: Any) -> Profile:
@@ -214,6 +210,14 @@ class Profile:
                 raise ValueError(f"Cluster.profile.{name}: found {type(items).__name__}, required a JSON array")
             fields[name] = tuple(_make(f"Cluster.profile.{name}[{i}]", kind, item) for i, item in enumerate(items))
         return _make("Cluster.profile", cls, fields)
+
+
+def _nearest(fits: Sequence, group_size: int):
+    """The entry of `fits` (each with a `group_size`) for exactly `group_size`, else the nearest
+    measured size's (log scale; the smaller on a tie); None when there is none."""
+    if not fits:
+        return None
+    return min(fits, key=lambda f: (abs(math.log2(f.group_size / group_size)), f.group_size))
 
 
 def _check_tuple(owner: str, items: Any, kind: type) -> None:
