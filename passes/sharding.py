@@ -130,6 +130,11 @@ class Context:
     layer_mates: dict[str, int] = field(default_factory=dict)
     """Parameter placeholder → trainable parameters first used in its layer (itself included): a
     sharded one is gathered and reduced with them in one flat collective (`runtime.groups`)."""
+    layer_numel: dict[str, int] = field(default_factory=dict)
+    """Parameter placeholder → elements of those parameters together: the flat collective's size."""
+    trainable_numel: int = 0
+    """Elements of every trainable parameter: the gradient buckets' (`runtime.sync`) size, up to
+    `BUCKET_BYTES` each."""
 
     def reshard_node(self, src, dst, grad_in, grad_out) -> float:
         """What the runtime's placement-change node itself costs (`cost.ops.OpTimes.reshard`), where
@@ -204,9 +209,17 @@ def _count_layer_mates(ctx: Context) -> None:
             layer = ctx.captured.nodes[name].layer
             where[arg.name] = layer if layer is not None else ("after" if seen_layer else "before")
     sizes: dict = {}
-    for key in where.values():
+    numels: dict = {}
+    for placeholder, key in where.items():
         sizes[key] = sizes.get(key, 0) + 1
+        numels[key] = numels.get(key, 0) + _numel(ctx, placeholder)
     ctx.layer_mates.update({placeholder: sizes[key] for placeholder, key in where.items()})
+    ctx.layer_numel.update({placeholder: numels[key] for placeholder, key in where.items()})
+    ctx.trainable_numel = sum(numels.values())
+
+
+def _numel(ctx: Context, placeholder: str) -> int:
+    return ctx.captured.params[ctx.roles.params[placeholder]].meta.numel
 
 
 def _first_options(ctx: Context, unit: Unit) -> list[NodeSharding]:
@@ -293,6 +306,25 @@ def _price_members(ctx: Context, unit: Unit, strategy: Strategy) -> None:
             strategy.comm += ctx.resharder.time(placed, tuple(R for _ in shape), ctx.nbytes(name))
 
 
+def _in_flat(ctx: Context, c, flat: float, latency_share: float) -> float:
+    """A parameter's part of a collective that carries it with others in one flat message `flat`
+    times its size: its bytes at the flat message's time per byte beyond the latency, plus
+    `latency_share` of the latency,
+
+        t = n · (T(flat · n) − T(0)) / (flat · n) + share · T(0)
+
+    T the collective's time (`CommModel`); for T = α + nβ this is nβ + share · α. A profiled T
+    follows measured points (`cost.profile.CollectiveFit`), flat up to about a MiB on gloo, so a
+    small parameter priced alone at T(n) − T(0) would pay nothing for its bytes, and one at T(n)
+    the whole latency again."""
+    group = ctx.mesh.group(c.axis)
+    latency = ctx.resharder.comm.time(c.kind, 0.0, group)
+    whole = c.bytes * flat
+    if whole <= 0:
+        return latency * latency_share
+    return c.bytes * (ctx.resharder.comm.time(c.kind, whole, group) - latency) / whole + latency * latency_share
+
+
 def _internal(ctx: Context, strategy: Strategy, name: str, sharding: NodeSharding, axis: int, kind: str) -> None:
     """Collectives an op runs inside itself along `axis` (see `passes.rules.Rule.kind`)."""
     args = tensor_args(ctx.fx_nodes[name])
@@ -359,14 +391,14 @@ def _price_param(ctx: Context, strategy: Strategy, name: str, arg, held: ParamSh
         phases += [("forward", held.storage, held.use, numel * w_bytes, "gathers"),
                    ("backward", held.storage, held.use, numel * w_bytes, "gathers")]
     for phase, src, dst, nbytes, part in phases:
+        if held.level == 0:  # bucketed with the others (runtime.sync): the latency is paid per bucket
+            flat, latency_share = min(BUCKET_BYTES, ctx.trainable_numel * g_bytes) / nbytes, nbytes / BUCKET_BYTES
+        else:  # one flat collective per layer (runtime.groups): each member pays its share of the latency
+            flat, latency_share = ctx.layer_numel.get(arg.name, numel) / numel, 1 / ctx.layer_mates.get(arg.name, 1)
         for c in ctx.resharder.collectives(src, dst, nbytes):
-            latency = ctx.resharder.comm.time(c.kind, 0.0, ctx.mesh.group(c.axis))
-            if held.level == 0:  # bucketed with the others (runtime.sync): the latency is paid per bucket
-                c = dataclasses.replace(c, time=c.time - latency + latency * nbytes / BUCKET_BYTES)
-                strategy.buckets[c.axis] = latency
-            else:  # one flat collective per layer (runtime.groups): each member pays its share of the latency
-                mates = ctx.layer_mates.get(arg.name, 1)
-                c = dataclasses.replace(c, time=c.time - latency * (1 - 1 / mates))
+            c = dataclasses.replace(c, time=_in_flat(ctx, c, max(flat, 1.0), latency_share))
+            if held.level == 0:
+                strategy.buckets[c.axis] = ctx.resharder.comm.time(c.kind, 0.0, ctx.mesh.group(c.axis))
             strategy.comm += c.time
             setattr(strategy, part, getattr(strategy, part) + c.time)
             strategy.collectives.append((name, phase, c))

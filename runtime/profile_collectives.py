@@ -160,9 +160,9 @@ def rounds(settings: Settings) -> int:
 
 def measure_collectives(settings: Settings, device: torch.device, per_node: int,
                         progress: Bar) -> tuple[CollectiveFit, ...]:
-    """α and β of every collective of `PROFILED` on every (group size, scope) of `group_sizes`,
-    every message size of every kind timed in turns (`in_step_seconds`); `progress` advances by one
-    per round and group."""
+    """α and β of every collective of `PROFILED` on every (group size, scope) of `group_sizes`, with
+    the measured times they were fitted to, every message size of every kind timed in turns
+    (`in_step_seconds`); `progress` advances by one per round and group."""
     world, rank = dist.get_world_size(), dist.get_rank()
     largest = max(settings.message_sizes)
     fits = []
@@ -193,5 +193,6 @@ def measure_collectives(settings: Settings, device: torch.device, per_node: int,
             times = max_over_ranks([seconds.get((kind, n), (n, 0.0))[1] for n in settings.message_sizes], device)
             logger.debug("%s p=%d %s: bytes %s, seconds %s", kind, p, scope, sizes, times)
             alpha, beta, residual = fit_alpha_beta(sizes, times)
-            fits.append(CollectiveFit(kind=kind, group_size=p, scope=scope, alpha=alpha, beta=beta, residual=residual))
+            fits.append(CollectiveFit(kind=kind, group_size=p, scope=scope, alpha=alpha, beta=beta, residual=residual,
+                                      sizes=tuple(sizes), times=tuple(times)))
     return tuple(fits)

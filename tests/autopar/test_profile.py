@@ -1,6 +1,7 @@
 """The cluster profiler: the α-β fit, the Profile record and its JSON, the cost model reading it,
 and `autopar profile --quick` end to end on 2 spawned gloo ranks."""
 
+import dataclasses
 import json
 import math
 import os
@@ -15,7 +16,7 @@ from autopar.cost.comm import CommModel, flat_cost
 from autopar.cost.compute import ComputeModel, roofline_time
 from autopar.cost import sampling
 from autopar.cost.profile import (PROFILED, CollectiveFit, MatmulRate, Profile, StraggleFit, calibrated,
-                                  fit_alpha_beta)
+                                  fit_alpha_beta, nondecreasing)
 from autopar.errors import AutoparError
 from autopar.graph import NodeInfo, TensorMeta
 from autopar.runtime import profile_collectives, profile_straggle, profiler
@@ -95,6 +96,24 @@ def test_straggle_is_the_slowest_rank_per_round_over_the_slowest_mean():
     assert [(f.group_size, round(f.share, 6)) for f in four] == [(2, round((0 + 0.5) / 2, 6)), (4, 0.5)]
 
 
+def test_a_collective_follows_its_measured_points():
+    """Between the measured sizes the time follows the points, made non-decreasing (a dip is noise,
+    pooled with its neighbours); beyond the largest it climbs at β; below the smallest it is the
+    smallest's; without points it is the line. The points survive the cluster file."""
+    ms = 1e-3
+    fit = CollectiveFit(kind="all_reduce", group_size=2, scope="intra", alpha=1.5 * ms, beta=1e-9, residual=0.1,
+                        sizes=(4096, 65536, 1 << 20, 16 << 20), times=(2 * ms, 1.8 * ms, 2.5 * ms, 20 * ms))
+    assert [fit.time(n) for n in (0, 4096, 65536)] == pytest.approx([1.9 * ms] * 3)
+    assert fit.time(((1 << 20) + (16 << 20)) / 2) == pytest.approx((2.5 + 20) / 2 * ms)
+    assert fit.time(32 << 20) == pytest.approx(20 * ms + (16 << 20) * 1e-9)
+    line = dataclasses.replace(fit, sizes=(), times=())
+    assert line.time(1 << 20) == pytest.approx(1.5 * ms + (1 << 20) * 1e-9)
+    assert nondecreasing((3.0, 1.0, 2.0)) == pytest.approx((2.0, 2.0, 2.0))
+    assert nondecreasing((1.0, 3.0, 2.0, 4.0)) == pytest.approx((1.0, 2.5, 2.5, 4.0))
+    cluster = profiled_cluster(collectives=(fit,))
+    assert Cluster.from_json(cluster.to_json()).profile.collectives == (fit,)
+
+
 def test_calibration_sets_device_and_links_from_the_measurement():
     cluster = profiled_cluster()
     d = cluster.device
@@ -127,6 +146,10 @@ def profile_dict():
     (lambda p: p["collectives"][0].update(alpha=None), r"CollectiveFit.alpha: found None \(NoneType\), required a"),
     (lambda p: p["collectives"][-1].update(group_size=4), r"group_size: found 4 for send_recv, required 2"),
     (lambda p: p["collectives"].append(p["collectives"][0]), r"Profile.collectives: found repeated entries"),
+    (lambda p: p["collectives"][0].update(sizes=[1e3, 1e4], times=[1e-3]), r"found 2 sizes and 1 times, required"),
+    (lambda p: p["collectives"][0].update(sizes=[1e4, 1e3], times=[1e-3, 2e-3]), r"required increasing sizes"),
+    (lambda p: p["collectives"][0].update(sizes=[1e3, 1e4], times=[1e-3, 0]), r"required increasing sizes and times > 0"),
+    (lambda p: p["collectives"][0].update(sizes="1e3", times=[]), r"CollectiveFit.sizes: found '1e3', required an array"),
     (lambda p: p.update(straggle=[{"group_size": 1, "share": 0.1}]), r"StraggleFit.group_size: found 1, required >= 2"),
     (lambda p: p.update(straggle=[{"group_size": 2, "share": -0.1}]), r"StraggleFit.share: found -0.1, required >= 0"),
     (lambda p: p.update(straggle=[{"group_size": 2, "share": 0.1}] * 2), r"Profile.straggle: found repeated entries"),
@@ -296,6 +319,7 @@ def test_quick_profile_on_two_gloo_ranks(quick_profile):
     assert all(c.alpha + (1 << 20) * c.beta > 0 for c in profile.collectives)
     assert {r.dtype for r in profile.matmul} >= {"fp32"}
     assert [s.group_size for s in profile.straggle] == [2] and math.isfinite(profile.straggle[0].share)
+    assert all(len(c.sizes) == len(c.times) >= 2 and min(c.times) > 0 for c in profile.collectives)
 
 
 def test_plan_on_the_profiled_cluster(quick_profile):

@@ -158,6 +158,53 @@ def test_gradient_buckets_pay_their_latency_once():
     assert solution.objective == pytest.approx(solution.step_time, rel=1e-6)
 
 
+def test_parameters_sharing_a_flat_collective_pay_together_what_it_costs():
+    """FSDP gathers a layer's parameters in one flat message (`runtime.groups`) and data-parallel
+    reduces gradients in buckets (`runtime.sync`): with a collective whose time is not a line (a
+    profile's measured points), the members' prices add up to the flat message's time, T(layer),
+    and to T(bucket) with the bucket's latency paid once, not to a sum of T(each)."""
+    import dataclasses
+
+    from autopar.capture import capture
+    from autopar.cost.comm import CommModel
+    from autopar.cost.profile import calibrated
+    from autopar.passes.baselines import predicate
+    from autopar.passes.ilp import bucket_latency
+    from autopar.runtime.sync import BUCKET_BYTES
+    from tests.autopar.test_profile import fits, make_profile
+
+    ms = 1e-3
+    curve = dict(sizes=(4096, 65536, 1 << 20, 16 << 20), times=(1 * ms, 4 * ms, 5 * ms, 20 * ms))
+    collectives = tuple(dataclasses.replace(f, **curve) if f.kind in ("all_gather", "all_reduce") else f
+                        for f in fits())
+    profile = make_profile(collectives=collectives, backend="nccl")  # no op timing on this machine: steady
+    cluster = calibrated(Cluster.preset("cpu", gpus_per_node=2), profile, memory=4 << 30)
+    entry = autopar.models.get("gpt-tiny")
+    inputs, target = entry.example_batch(4, device="meta")
+    captured = capture(entry.build(device="meta"), inputs, loss_fn=entry.loss_fn, target=target)
+    mesh = LogicalMesh(shape=(2,), devices=(0, 1))
+    problem = build_problem(captured, mesh, cluster)
+    ctx, comm, group = problem.context, CommModel(cluster), mesh.group(0)
+
+    def paid(choice, kind, phase):
+        return sum(problem.counts[u] * sum(c.time for _, ph, c in problem.strategies[u][i].collectives
+                                           if c.kind == kind and ph == phase) for u, i in choice.items())
+
+    fsdp = solve(problem, allowed=predicate("fsdp", problem)).choice
+    layers = {(ctx.layer_numel[p], ctx.layer_mates[p]) for p in ctx.layer_mates}
+    whole = sum(comm.time("all_gather", ctx.layer_numel[p] * 4, group) / ctx.layer_mates[p] for p in ctx.layer_mates)
+    alone = sum(comm.time("all_gather", ctx.captured.params[ctx.roles.params[p]].meta.numel * 4, group)
+                for p in ctx.layer_mates)
+    assert len(layers) >= 2 and paid(fsdp, "all_gather", "forward") == pytest.approx(whole, rel=1e-9)
+    assert alone > 1.5 * whole
+    problem = problem_for(TwoLayers(d=64, h=256), torch.randn(64, 64), torch.randn(64, 64), (2,), cluster)
+    dp = solve(problem, allowed=predicate("dp", problem)).choice
+    latency, bucket = comm.time("all_reduce", 0.0, group), problem.context.trainable_numel * 4
+    assert bucket == 2 * 64 * 256 * 4 and bucket_latency(problem, dp) == pytest.approx(latency)
+    assert paid(dp, "all_reduce", "backward") + latency == pytest.approx(
+        comm.time("all_reduce", bucket, group) + latency * bucket / BUCKET_BYTES, rel=1e-9)
+
+
 def test_computation_on_several_ranks_is_priced_as_the_slowest_rank_pays_it():
     """Each node's share times 1 + s_p (`cost.profile.StraggleFit`) on a mesh of p > 1; none on one
     device. An NCCL profile on this CPU machine prices from FLOPs and bytes: no timing noise."""
