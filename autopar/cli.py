@@ -219,9 +219,7 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.run(out=args.out, nproc=args.nproc, steps=args.steps, large=not args.skip_large)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="autopar", description="Auto-parallelization compiler for PyTorch.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _add_estimate(sub) -> None:
 
     p = sub.add_parser("estimate", help="memory and compute of training a zoo model (no devices needed)",
                        description="Memory breakdown (training state, activations with and without "
@@ -237,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_args(p, nodes=128)
     p.set_defaults(run=_estimate)
 
+
+def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="find the fastest plan for a zoo model on a cluster (no devices needed)",
                        description="Capture a zoo model on the meta device, search data/tensor/sequence/expert "
                                    "parallelism and ZeRO levels with the ILP, print the plan and optionally "
@@ -260,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_args(p)
     p.set_defaults(run=_plan)
 
+
+def _add_run(sub) -> None:
     p = sub.add_parser("run", help="train a zoo model (or run a script) on local ranks under torchrun",
                        description="Launch torchrun on this machine. With --model, every rank compiles the zoo "
                                    "model with --strategy and trains it on synthetic batches, printing losses and "
@@ -290,10 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "losses here as JSON (on the machine that runs rank 0)")
     p.set_defaults(run=_run)
 
+
+def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list the model zoo", description="The zoo's models, with descriptions.")
     p.add_argument("--count", action="store_true", help="also count parameters (builds each model on meta)")
     p.set_defaults(run=_models)
 
+
+def _add_clusters(sub) -> None:
     p = sub.add_parser("clusters", help="list cluster presets, or print one as JSON",
                        description="Cluster presets. With --show, one preset (as JSON with --json, to save "
                                    "and edit as a cluster file).")
@@ -303,6 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=_clusters)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autopar", description="Auto-parallelization compiler for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_estimate(sub)
+    _add_plan(sub)
+    _add_run(sub)
+    _add_models(sub)
+    _add_clusters(sub)
     _add_bench(sub)
     _add_demo(sub)
     return parser

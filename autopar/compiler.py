@@ -171,7 +171,8 @@ def _compile_pipeline(model: nn.Module, captured: CapturedGraph, plan: Plan, exa
     per stage mesh, and each of this rank's stages lowered with what it receives and sends."""
     from autopar.passes.split import check_pipeline
     from autopar.runtime.lower import Boundary
-    from autopar.runtime.pipeline import Chunk, PipelineModel, crossings
+    from autopar.runtime.pipeline import Chunk, PipelineModel
+    from autopar.runtime.stage_links import crossings
     from autopar.runtime.sync import GradientSync, bucketed
 
     m = plan.schedule.microbatches

@@ -193,16 +193,17 @@ def _pipelined(captured: CapturedGraph, cluster: Cluster, options: ShardingOptio
     the single-stage search's sharding problems by mesh shape, reused for stages on all devices."""
     from autopar.passes import interop, schedules
     from autopar.passes.split import batch_statistics
+    from autopar.passes.stage_costs import StageCosts, submeshes
 
     if len(captured.layers) < 2:
         return None
     start = time.perf_counter()
     batch = captured.nodes[captured.inputs[0]].output.shape[0]
     options = dataclasses.replace(options, levels=tuple(l for l in options.levels if l < 3) or (0,))
-    costs = interop.StageCosts(captured, cluster, options, interop.cluster_layers(captured, MAX_BLOCKS), batch,
-                               time_limit, problems)
+    costs = StageCosts(captured, cluster, options, interop.cluster_layers(captured, MAX_BLOCKS), batch, time_limit,
+                       problems)
     counts = [1] if batch_statistics(captured) else None  # batch norm: the batch's statistics, one microbatch
-    found = interop.search(costs, interop.submeshes(cluster), schedules_=kinds, microbatches=counts)
+    found = interop.search(costs, submeshes(cluster), schedules_=kinds, microbatches=counts)
     if found is None:
         return None
     kind, m = found.schedule, found.microbatches

@@ -12,7 +12,7 @@ fastest first:
 
 Each configuration's parts (embedding side, layer, head side) are solved under the baseline's
 predicate (`passes.baselines`: Megatron's column/row tensor parallelism on tp, data parallelism on
-dp) on the same sharding problems the inter-op pass uses (`passes.interop.StageCosts`), and a stage's
+dp) on the same sharding problems the inter-op pass uses (`passes.stage_costs.StageCosts`), and a stage's
 time and memory come from the same figures: the grid and `auto` differ only in what they may choose.
 """
 
@@ -26,7 +26,7 @@ from autopar.graph import CapturedGraph
 from autopar.vocab import LogicalMesh
 from autopar.passes import schedules
 from autopar.passes.baselines import predicate
-from autopar.passes.interop import StageCosts
+from autopar.passes.stage_costs import StageCosts
 from autopar.passes.sharding import ShardingOptions
 from autopar.passes.split import batch_statistics, layer_ranges
 

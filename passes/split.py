@@ -102,49 +102,11 @@ def split(plan: Plan, captured: CapturedGraph, cluster: Cluster, spec: PipelineS
                          f"{cluster.num_devices} in {cluster.describe()}")
     ranges = layer_ranges(len(captured.layers), p * v)
     chunks = chunk_of(captured, ranges)
-    graph = {n.name: n for n in captured.program.graph.nodes}
-    param_of = {info.placeholder: name for name, info in captured.params.items()}
-    members: list[dict] = [{} for _ in ranges]
-    used: list[set[str]] = [set() for _ in ranges]
-    for name, node_plan in one.nodes.items():
-        if name in captured.inputs:
-            continue
-        j = chunks[name]
-        members[j][name] = node_plan
-        for arg in tensor_args(graph[name]):
-            used[j].add(arg.name)
-    for name in captured.inputs:
-        for j in range(len(ranges)):
-            if name in used[j] and name in one.nodes:
-                members[j][name] = one.nodes[name]
+    members, used = _chunk_members(captured, one, chunks, len(ranges))
     flops = [sum(captured.nodes[n].flops + captured.nodes[n].backward_flops for n in nodes) for nodes in members]
     total = sum(flops) or 1.0
-    stages = []
-    for j, (nodes, reads) in enumerate(zip(members, used)):
-        params = {}
-        for placeholder in reads:
-            name = param_of.get(placeholder)
-            if name is None:
-                continue
-            key = name if name in one.params else next(t for t in captured.params[name].tied if t in one.params)
-            params[key] = one.params[key]
-        share = flops[j] / total
-        mesh = LogicalMesh(shape=one.mesh.shape, devices=tuple(d + (j % p) * one.mesh.size for d in one.mesh.devices))
-        state = one.cost.parameter_state * (sum(math.prod(q.shape) for q in params.values()) /
-                                            max(sum(math.prod(q.shape) for q in one.params.values()), 1))
-        kept = schedules.in_flight(spec.schedule, p, m, j % p, v) if p > 1 else 1.0
-        received = received_bytes(captured, one, chunks, j)
-        transfers = m * transfer_time(cluster, one.mesh.size, received / m) if received else 0.0
-        fixed = one.cost.fixed * share  # each microbatch pays it whole: f + (t − f) / m of t each
-        compute = one.cost.compute * share + fixed * (m - 1)
-        busy = compute + one.cost.communication * share + transfers
-        cost = dataclasses.replace(one.cost, step_time=busy + one.cost.optimizer * share, compute=compute, fixed=fixed,
-                                   communication=one.cost.communication * share + transfers,
-                                   optimizer=one.cost.optimizer * share,
-                                   activations=one.cost.activations * share * kept / m,
-                                   parameter_state=state, peak_memory=state + one.cost.activations * share * kept / m)
-        stages.append(Stage(index=j, layers=ranges[j], mesh=mesh, nodes=nodes, params=params, cost=cost,
-                            microbatch_time=busy / m))
+    stages = [_chunk_stage(captured, cluster, spec, one, chunks, j, ranges[j], members[j], used[j], flops[j] / total)
+              for j in range(len(ranges))]
     group_time = [sum(s.microbatch_time for s in stages[g::p]) for g in range(p)]
     group_once = [sum(s.cost.optimizer for s in stages[g::p]) for g in range(p)]
     kind = spec.schedule if p > 1 or v > 1 or m > 1 else "none"  # one stage, m > 1: gradient accumulation
@@ -164,6 +126,55 @@ def split(plan: Plan, captured: CapturedGraph, cluster: Cluster, spec: PipelineS
                f"of the batch does not shrink")
     return dataclasses.replace(plan, cluster=cluster, stages=tuple(stages), schedule=schedule, cost=cost,
                                collectives=(), warnings=plan.warnings + (warning,))
+
+
+def _chunk_members(captured: CapturedGraph, one: Stage, chunks: dict[str, int], n: int) -> tuple[list[dict], list[set]]:
+    """Per chunk: its nodes' plans (the inputs it reads included), and the names its nodes read."""
+    graph = {node.name: node for node in captured.program.graph.nodes}
+    members: list[dict] = [{} for _ in range(n)]
+    used: list[set[str]] = [set() for _ in range(n)]
+    for name, node_plan in one.nodes.items():
+        if name in captured.inputs:
+            continue
+        j = chunks[name]
+        members[j][name] = node_plan
+        for arg in tensor_args(graph[name]):
+            used[j].add(arg.name)
+    for name in captured.inputs:
+        for j in range(n):
+            if name in used[j] and name in one.nodes:
+                members[j][name] = one.nodes[name]
+    return members, used
+
+
+def _chunk_stage(captured: CapturedGraph, cluster: Cluster, spec: PipelineSpec, one: Stage, chunks: dict[str, int],
+                 j: int, layers: tuple[int, int], nodes: dict, reads: set[str], share: float) -> Stage:
+    """Chunk `j` as a stage: its parameters, its device group's mesh, and the one-stage plan's
+    costs scaled by its `share` of the FLOPs, with its transfers and per-microbatch fixed part."""
+    p, v, m = spec.stages, spec.virtual, spec.microbatches
+    param_of = {info.placeholder: name for name, info in captured.params.items()}
+    params = {}
+    for placeholder in reads:
+        name = param_of.get(placeholder)
+        if name is None:
+            continue
+        key = name if name in one.params else next(t for t in captured.params[name].tied if t in one.params)
+        params[key] = one.params[key]
+    mesh = LogicalMesh(shape=one.mesh.shape, devices=tuple(d + (j % p) * one.mesh.size for d in one.mesh.devices))
+    state = one.cost.parameter_state * (sum(math.prod(q.shape) for q in params.values()) /
+                                        max(sum(math.prod(q.shape) for q in one.params.values()), 1))
+    kept = schedules.in_flight(spec.schedule, p, m, j % p, v) if p > 1 else 1.0
+    received = received_bytes(captured, one, chunks, j)
+    transfers = m * transfer_time(cluster, one.mesh.size, received / m) if received else 0.0
+    fixed = one.cost.fixed * share  # each microbatch pays it whole: f + (t − f) / m of t each
+    compute = one.cost.compute * share + fixed * (m - 1)
+    busy = compute + one.cost.communication * share + transfers
+    cost = dataclasses.replace(one.cost, step_time=busy + one.cost.optimizer * share, compute=compute, fixed=fixed,
+                               communication=one.cost.communication * share + transfers,
+                               optimizer=one.cost.optimizer * share,
+                               activations=one.cost.activations * share * kept / m,
+                               parameter_state=state, peak_memory=state + one.cost.activations * share * kept / m)
+    return Stage(index=j, layers=layers, mesh=mesh, nodes=nodes, params=params, cost=cost, microbatch_time=busy / m)
 
 
 def received_bytes(captured: CapturedGraph, one: Stage, chunks: dict[str, int], j: int) -> float:

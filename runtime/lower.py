@@ -61,7 +61,7 @@ class Layout:
     """Pipeline stages: values earlier stages computed, whole, as the program's very first inputs."""
     values: dict[str, tuple[str, Placements]] = field(default_factory=dict)
     """Each original node: the lowered node holding its local value, and that value's placement
-    (for inspection: `autopar.testing.first_difference`)."""
+    (for inspection: `autopar.checks.first_difference`)."""
 
 
 @dataclass(frozen=True)

@@ -7,18 +7,17 @@ lowered from the stage's ops alone (`runtime.lower` with a `Boundary`), on a wor
 
 A step: the batch is cut into m microbatches along dim 0; each group works through
 `passes.schedules.actions` (GPipe, 1F1B, interleaved 1F1B, zero-bubble). A value one stage computes
-and a later one reads is made whole at the producer and sent point-to-point, rank i of the
-consumer's mesh receiving from rank i mod |producer| of the producer's (`send_recv`); its gradient
-comes back whole the same way, summed over consumers. Sends are non-blocking and receives blocking:
-the orders pass `schedules.check_order`, so no group waits on one that waits on it. A stage's
+and a later one reads is sent whole point-to-point, and its gradient comes back the same way
+(`runtime.stage_links`). Sends are non-blocking and receives blocking: the orders pass
+`schedules.check_order`, so no group waits on one that waits on it. A stage's
 data-parallel gradients are reduced once, in its last backward (as `no_sync` does for the others);
 a parameter held by several stages (a tied embedding) has its gradients summed across them before
 the optimizer step, so every copy stays equal.
 
 The loss is a sum over microbatches: a cross-entropy mean divides each microbatch's sum by the whole
-batch's target count, other means are divided by m. The executor is autopar's own rather than
-`torch.distributed.pipelining`, whose stages are one rank each: here a stage is an SPMD program
-over a submesh, and stages may differ in mesh and placement. Zero-bubble runs each backward as an
+batch's target count, other means are divided by m (`runtime.microbatch_loss`). The executor is
+autopar's own rather than `torch.distributed.pipelining`, whose stages are one rank each: here a
+stage is an SPMD program over a submesh, and stages may differ in mesh and placement. Zero-bubble runs each backward as an
 input-gradient pass then a weight-gradient pass; the second recomputes the activation gradients
 (autograd keeps no split), so the order is ZB-H1's but its saving is not realized here.
 """
@@ -38,46 +37,13 @@ from torch.utils import _pytree as pytree
 from autopar.graph import CapturedGraph
 from autopar.plan import Plan, Stage
 from autopar.passes import schedules
-from autopar.passes.rules import tensor_args
 from autopar.runtime.collectives import transform
 from autopar.runtime.compiled import _LossValue, check_step
+from autopar.runtime.microbatch_loss import microbatch_factor
 from autopar.runtime.params import Holder, regather
+from autopar.runtime.stage_links import Crossing, Messages
 from autopar.runtime.sync import GradientSync, bucketed
 from autopar.runtime.world import World
-
-aten = torch.ops.aten
-_MEANS = {aten.mean.default, aten.mean.dim}
-_REDUCTION_ARG = {aten.cross_entropy_loss.default: 3, aten.mse_loss.default: 2, aten.l1_loss.default: 2,
-                  aten.nll_loss.default: 3, aten.smooth_l1_loss.default: 2, aten.huber_loss.default: 2,
-                  aten.binary_cross_entropy_with_logits.default: 4, aten.binary_cross_entropy.default: 3}
-
-
-@dataclass(frozen=True, slots=True)
-class Crossing:
-    """A value computed in one stage and read in later ones."""
-
-    name: str
-    producer: int
-    consumers: tuple[int, ...]
-    index: int
-    """Its position among all crossings (message tags)."""
-    grad: bool
-
-
-def crossings(plan: Plan, captured: CapturedGraph) -> list[Crossing]:
-    """Every value that leaves its stage, in graph order, with the stages reading it."""
-    owner = {n: j for j, s in enumerate(plan.stages) for n in s.nodes if n not in captured.inputs}
-    readers: dict[str, set[int]] = defaultdict(set)
-    for node in captured.program.graph.nodes:
-        j = owner.get(node.name)
-        if j is None or node.op != "call_function":
-            continue
-        for arg in node.all_input_nodes:
-            if arg.name in owner and owner[arg.name] != j:
-                readers[arg.name].add(j)
-    order = [n.name for n in captured.program.graph.nodes if n.name in readers]
-    return [Crossing(name=n, producer=owner[n], consumers=tuple(sorted(readers[n])), index=i,
-                     grad=captured.nodes[n].requires_grad) for i, n in enumerate(order)]
 
 
 @dataclass(eq=False)
@@ -123,11 +89,9 @@ class PipelineModel:
         self._inputs = [captured.program.graph.find_nodes(op="placeholder", target=n)[0].meta["val"]
                         for n in captured.inputs]
         self._loss_chunk = len(plan.stages) - 1
-        self._factor = _microbatch_factor(captured, self.m) if captured.has_loss else 1.0
+        self._factor = microbatch_factor(captured, self.m) if captured.has_loss else 1.0
         self._tied = _tied_groups(plan, captured)
-        self._by_name = {link.name: link for link in links}
-        self._mailbox: dict[int, torch.Tensor] = {}
-        self._sends: list = []
+        self.messages = Messages(plan, micro, links, chunks[0].world, self.m)
         self.step_count = 0
         """Training steps taken (restored by `load`)."""
 
@@ -137,63 +101,6 @@ class PipelineModel:
 
     def parameters(self) -> list[nn.Parameter]:
         return [c.holders[n].leaf for c in self.chunks for n in sorted(c.holders)]
-
-    # -- messages ---------------------------------------------------------------------------------
-
-    def _tag(self, link: Crossing, consumer: int, k: int, backward: bool) -> int:
-        return ((link.index * len(self.plan.stages) + consumer) * self.m + k) * 2 + int(backward)
-
-    def _post(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
-        if peer == self.rank:
-            self._mailbox[tag] = tensor
-        else:
-            self._sends.append((dist.isend(tensor.contiguous(), peer, tag=tag), tensor))
-
-    def _take(self, shape, dtype, peer: int, tag: int, doing: str) -> torch.Tensor:
-        if peer == self.rank:
-            return self._mailbox.pop(tag)
-        buffer = torch.empty(shape, dtype=dtype, device=self.world.device)
-        try:
-            dist.recv(buffer, peer, tag=tag)
-        except (RuntimeError, dist.DistBackendError) as e:
-            raise self.world.failure(doing, e) from e
-        return buffer
-
-    def _send_forward(self, link: Crossing, value: torch.Tensor, k: int) -> None:
-        mine = self.plan.stages[link.producer].mesh.devices
-        me = mine.index(self.rank)
-        for consumer in link.consumers:
-            theirs = self.plan.stages[consumer].mesh.devices
-            for i, peer in enumerate(theirs):
-                if i % len(mine) == me:
-                    self._post(value, peer, self._tag(link, consumer, k, False))
-
-    def _receive_forward(self, link: Crossing, consumer: int, k: int) -> torch.Tensor:
-        mine = self.plan.stages[consumer].mesh.devices
-        theirs = self.plan.stages[link.producer].mesh.devices
-        meta = self.micro.nodes[link.name].outputs[0]
-        value = self._take(meta.shape, meta.dtype, theirs[mine.index(self.rank) % len(theirs)],
-                           self._tag(link, consumer, k, False), f"receiving {link.name} from stage {link.producer}")
-        return value.requires_grad_(link.grad)
-
-    def _send_backward(self, link: Crossing, consumer: int, grad: torch.Tensor, k: int) -> None:
-        mine = self.plan.stages[consumer].mesh.devices
-        theirs = self.plan.stages[link.producer].mesh.devices
-        me = mine.index(self.rank)
-        for i, peer in enumerate(theirs):
-            if i % len(mine) == me:
-                self._post(grad, peer, self._tag(link, consumer, k, True))
-
-    def _receive_backward(self, link: Crossing, k: int) -> torch.Tensor:
-        mine = self.plan.stages[link.producer].mesh.devices
-        meta = self.micro.nodes[link.name].outputs[0]
-        total = None
-        for consumer in link.consumers:
-            theirs = self.plan.stages[consumer].mesh.devices
-            grad = self._take(meta.shape, meta.dtype, theirs[mine.index(self.rank) % len(theirs)],
-                              self._tag(link, consumer, k, True), f"receiving the gradient of {link.name}")
-            total = grad if total is None else total + grad
-        return total
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -221,7 +128,7 @@ class PipelineModel:
         return args
 
     def _forward(self, chunk: Chunk, k: int, micro: list, whole: list, grad: bool) -> list:
-        received = [self._receive_forward(self._by_name[n], chunk.index, k) for n in chunk.layout.received]
+        received = [self.messages.receive_forward(self.messages.link(n), chunk.index, k) for n in chunk.layout.received]
         if self.masks is not None:
             self.masks.current = k
         with torch.set_grad_enabled(grad), regather():
@@ -232,9 +139,9 @@ class PipelineModel:
                     raise
                 raise chunk.world.failure(f"running stage {chunk.index} forward", e) from e
         for (name, _), value in zip(chunk.layout.outputs, outputs):
-            link = self._by_name.get(name)
+            link = self.messages.link(name)
             if link is not None and link.producer == chunk.index:
-                self._send_forward(link, value.detach(), k)
+                self.messages.send_forward(link, value.detach(), k)
         if grad:
             chunk.saved[k] = (received, outputs)
         return outputs
@@ -245,9 +152,9 @@ class PipelineModel:
         if part != "W":  # the gradients of what this stage sent, and the loss's seed
             pairs = []
             for (name, _), value in zip(chunk.layout.outputs, outputs):
-                link = self._by_name.get(name)
+                link = self.messages.link(name)
                 if link is not None and link.producer == chunk.index and link.grad:
-                    pairs.append((value, self._receive_backward(link, k)))
+                    pairs.append((value, self.messages.receive_backward(link, k)))
             if chunk.index == self._loss_chunk and self.captured.has_loss:
                 placed = chunk.layout.outputs[0][1]
                 scale = math.prod(1 / chunk.world.axis_size(a) for a, p in enumerate(placed)
@@ -274,10 +181,10 @@ class PipelineModel:
             raise chunk.world.failure(f"running stage {chunk.index} backward", e) from e
         if part != "W":
             for name, leaf in zip(chunk.layout.received, received):
-                link = self._by_name[name]
+                link = self.messages.link(name)
                 if link.grad:
                     grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-                    self._send_backward(link, chunk.index, grad, k)
+                    self.messages.send_backward(link, chunk.index, grad, k)
         if part != "I":
             del chunk.saved[k], chunk.seeds[k]
         if last and chunk.sync is not None:
@@ -300,7 +207,7 @@ class PipelineModel:
                     losses[k] = outputs[0].detach()
             else:
                 self._backward(chunk, k, action, position)
-        self._wait_sends()
+        self.messages.wait_sends()
         self._sum_tied()
         self.step_count += 1
         self.optimizer.step()
@@ -311,14 +218,6 @@ class PipelineModel:
             for group in chunk.groups:
                 group.refresh()
         return self._loss(losses)
-
-    def _wait_sends(self) -> None:
-        try:
-            for work, _ in self._sends:
-                work.wait()
-        except (RuntimeError, dist.DistBackendError) as e:
-            raise self.world.failure("sending to the next stage", e) from e
-        self._sends.clear()
 
     def _loss(self, losses: dict[int, torch.Tensor]) -> torch.Tensor:
         """The step's loss on every rank: summed over microbatches on the last stage, then broadcast."""
@@ -368,7 +267,7 @@ class PipelineModel:
                     if name in self.captured.outputs:
                         produced[name].append(transform(value, placed, tuple(Replicate() for _ in placed),
                                                         chunk.world))
-        self._wait_sends()
+        self.messages.wait_sends()
         start = 1 if self.captured.has_loss else 0
         whole = []
         for name in self.captured.outputs[start:]:
@@ -469,7 +368,7 @@ class PipelineModel:
         for chunk in self.chunks:
             lines.append(f"# stage {chunk.index}: layers {chunk.stage.layers}, mesh {chunk.world.mesh.describe()}, "
                          f"receives {chunk.layout.received}, sends "
-                         f"{[n for n, _ in chunk.layout.outputs if n in self._by_name]}")
+                         f"{[n for n, _ in chunk.layout.outputs if self.messages.link(n) is not None]}")
             lines += [f"#   {name}: {type(m).__name__}({m.extra_repr()})" for name, m in chunk.program.named_children()]
             lines.append(chunk.program.print_readable(print_output=False))
         out = path / f"rank{self.rank}.txt"
@@ -511,41 +410,3 @@ def _tied_groups(plan: Plan, captured: CapturedGraph) -> dict[str, tuple[list[in
         group = dist.new_group(ranks) if dist.is_initialized() and len(ranks) > 1 else None
         out[name] = (stages, group, set(ranks))
     return out
-
-
-def _microbatch_factor(captured: CapturedGraph, m: int) -> float:
-    """What each microbatch's loss is weighted by so that their sum is the batch's loss: 1 for a
-    sum (or a cross-entropy mean over the whole batch's count, `runtime.lower`), 1/m for a mean."""
-    if m == 1:
-        return 1.0
-    loss = next(n for n in captured.program.graph.nodes if n.name == captured.outputs[0])
-    if loss.target is aten.cross_entropy_loss.default and _counted(loss, captured):
-        return 1.0
-    if loss.target in _MEANS:
-        return 1.0 / m
-    if loss.target in _REDUCTION_ARG:
-        position = _REDUCTION_ARG[loss.target]
-        reduction = loss.args[position] if len(loss.args) > position else loss.kwargs.get("reduction", 1)
-        return {1: 1.0 / m, 2: 1.0}.get(reduction, 0.0) or _unsupported(loss, m)
-    if loss.target is aten.sum.default or loss.target is aten.sum.dim_IntList:
-        return 1.0
-    return _unsupported(loss, m)
-
-
-def _counted(loss: torch.fx.Node, captured: CapturedGraph) -> bool:
-    """The same conditions under which the lowering divides by the whole batch's target count."""
-    from autopar.runtime.lower import _VIEWS
-
-    weight = loss.args[2] if len(loss.args) > 2 else loss.kwargs.get("weight")
-    reduction = loss.args[3] if len(loss.args) > 3 else loss.kwargs.get("reduction", 1)
-    if weight is not None or reduction != 1:
-        return False
-    source = loss.args[1]
-    while isinstance(source, torch.fx.Node) and source.op == "call_function" and source.target in _VIEWS:
-        source = source.args[0]
-    return isinstance(source, torch.fx.Node) and source.name in captured.inputs
-
-
-def _unsupported(loss: torch.fx.Node, m: int) -> float:
-    raise ValueError(f"loss: found {loss.target} at the end of the step, required a mean or a sum over the batch "
-                     f"to split it into {m} microbatches (plan with one microbatch for other losses)")

@@ -6,7 +6,7 @@ the length of a `with` block and counts them by kind, blocking and asynchronous 
     tally.blocking["all_reduce"]       # all-reduces this rank waited on where it called them
 
 The plan lists the collectives it expects (`Plan.collectives`); a tally says which ones a step ran,
-so the two can be set side by side (`autopar.testing.collective_counts`).
+so the two can be set side by side (`autopar.checks.collective_counts`).
 """
 
 from __future__ import annotations

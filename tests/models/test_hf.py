@@ -24,7 +24,8 @@ from torch import nn
 import autopar
 from autopar import models
 from autopar.planner import plan_graph
-from autopar.testing import RankPool, random_plan, reference
+from autopar.checks import random_plan
+from autopar.testing import RankPool, reference
 
 MODELS = ["hf-gpt2", "hf-llama", "hf-bert"]
 BATCH, STEPS = 8, 3

@@ -6,7 +6,7 @@ import itertools
 import pytest
 
 import autopar
-from autopar.passes import interop, schedules
+from autopar.passes import interop, schedules, stage_costs
 from autopar.passes.sharding import ShardingOptions
 
 
@@ -65,7 +65,7 @@ def test_layer_clustering_balances_flops(four_layers):
 def _costs(captured, budget, blocks=3):
     cluster = autopar.Cluster.preset("h100", nodes=2, gpus_per_node=2)
     options = ShardingOptions(memory_budget=budget)
-    return interop.StageCosts(captured, cluster, options, interop.cluster_layers(captured, blocks), 16, 10.0), cluster
+    return stage_costs.StageCosts(captured, cluster, options, interop.cluster_layers(captured, blocks), 16, 10.0), cluster
 
 
 def _brute_force(costs, subs, kind, m, p):
@@ -88,7 +88,7 @@ def _brute_force(costs, subs, kind, m, p):
 @pytest.mark.parametrize("budget", [None, 7e5])
 def test_dp_matches_brute_force_over_all_splits(four_layers, budget):
     costs, cluster = _costs(four_layers, budget)
-    subs = interop.submeshes(cluster)
+    subs = stage_costs.submeshes(cluster)
     for kind, m in [("1f1b", 2), ("gpipe", 4)]:
         for p in (1, 2, 3):
             found = interop._dp(costs, subs, kind, m, p, cluster.num_devices)
@@ -102,16 +102,16 @@ def test_dp_matches_brute_force_over_all_splits(four_layers, budget):
 
 def test_no_stages_when_the_model_fits(four_layers):
     costs, cluster = _costs(four_layers, None)
-    found = interop.search(costs, interop.submeshes(cluster), schedules_=("gpipe", "1f1b"))
+    found = interop.search(costs, stage_costs.submeshes(cluster), schedules_=("gpipe", "1f1b"))
     assert len(found.stages) == 1 and found.schedule == "none" and found.layers == ((0, 4),)
 
 
 def test_more_stages_when_memory_binds(four_layers):
     roomy, cluster = _costs(four_layers, None, blocks=4)
-    one = interop.search(roomy, interop.submeshes(cluster))
+    one = interop.search(roomy, stage_costs.submeshes(cluster))
     # a budget below what one stage needs even with microbatching and checkpointing
     tight, _ = _costs(four_layers, 5e5, blocks=4)
-    many = interop.search(tight, interop.submeshes(cluster))
+    many = interop.search(tight, stage_costs.submeshes(cluster))
     assert len(one.stages) == 1
     assert many is not None and len(many.stages) > 1
     assert all(s.memory <= 5e5 for s in many.stages)

@@ -23,7 +23,8 @@ from torch.distributed.tensor import Replicate, Shard
 
 from autopar.runtime.checkpoint_format import CheckpointError, box
 from autopar.runtime.restarts import Checkpoints
-from autopar.testing import differences, pipeline_plan, run_case
+from autopar.checks import pipeline_plan
+from autopar.testing import differences, run_case
 
 
 @pytest.mark.parametrize("shape", [(8, 6), (7, 5), (3, 2)])

@@ -8,7 +8,7 @@ from autopar.vocab import P, R, S
 
 
 def test_every_placement_change_on_a_2x2_mesh(pools):
-    (failures,) = pools(4).run([{"call": "autopar.testing:check_transforms"}])
+    (failures,) = pools(4).run([{"call": "autopar.checks:check_transforms"}])
     assert failures == []
 
 
@@ -33,7 +33,7 @@ def test_simple_changes_are_one_collective():
 def test_the_plan_lists_the_reshards_a_step_runs(model, strategy, pools):
     # Attention's q, k and v (and Llama's gate and up) read one normalized tensor: the runtime runs
     # one reshard for all its readers, and sums their gradients before one all-reduce back.
-    (got,) = pools(2).run([{"call": "autopar.testing:collective_counts",
+    (got,) = pools(2).run([{"call": "autopar.checks:collective_counts",
                             "kwargs": {"model": model, "strategy": strategy}}])
     assert "error" not in got, got.get("traceback")
     assert got["planned"].get("all_reduce", 0) > 0

@@ -12,7 +12,8 @@ visible ones for parameters whose gradient is nearly zero; fp64 shows the progra
 import pytest
 import torch
 
-from autopar.testing import differences, random_plan, squeezed_plan
+from autopar.checks import random_plan, squeezed_plan
+from autopar.testing import differences
 
 MODELS = ["gpt-tiny", "llama-tiny", "mlp-tiny", "moe-tiny", "wresnet-tiny"]
 STRATEGIES = ["dp", "zero1", "fsdp", "tp", "dp+tp", "auto"]

@@ -11,7 +11,8 @@ import re
 
 import pytest
 
-from autopar.testing import differences, pipeline_plan, searched_pipeline_plan
+from autopar.checks import pipeline_plan, searched_pipeline_plan
+from autopar.testing import differences
 
 LAYERS = {"n_layers": 8}
 
@@ -82,7 +83,7 @@ def test_other_models_pipeline(model, stages, microbatches, pools):
 def test_pipeline_state_dict_forward_and_dump(pools, tmp_path):
     plan = pipeline_plan("gpt-tiny", 4, {"stages": 2, "schedule": "1f1b", "microbatches": 2}, strategy="tp",
                          overrides={"n_layers": 4})
-    (got,) = pools(4).run([{"call": "autopar.testing:check_runtime",
+    (got,) = pools(4).run([{"call": "autopar.checks:check_runtime",
                             "kwargs": {"strategy": "auto", "dump": str(tmp_path), "plan": plan}}])
     assert "error" not in got, got.get("traceback")
     assert got["state"] == [] and got["extra"] == []

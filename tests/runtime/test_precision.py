@@ -8,7 +8,8 @@ import torch
 
 import autopar
 from autopar import models
-from autopar.testing import random_plan, reference
+from autopar.checks import random_plan
+from autopar.testing import reference
 
 MODELS = ["gpt-tiny", "llama-tiny"]
 LOSS_RTOL = 2e-4

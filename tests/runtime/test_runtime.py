@@ -7,13 +7,14 @@ import pytest
 import torch
 
 import autopar
-from autopar.testing import RankPool, random_plan, squeezed_plan
+from autopar.checks import random_plan, squeezed_plan
+from autopar.testing import RankPool
 from autopar.vocab import fmt
 
 
 @pytest.mark.parametrize("strategy, world", [("tp", 2), ("fsdp", 4), ("dp+tp", 4)])
 def test_state_dict_forward_and_dump(strategy, world, pools, tmp_path):
-    (got,) = pools(world).run([{"call": "autopar.testing:check_runtime",
+    (got,) = pools(world).run([{"call": "autopar.checks:check_runtime",
                                 "kwargs": {"strategy": strategy, "dump": str(tmp_path)}}])
     assert "error" not in got, got.get("traceback")
     assert got["state"] == [] and got["extra"] == []    # whole tensors, the model's own keys
@@ -88,7 +89,7 @@ def test_a_rank_that_dies_is_named_and_nothing_hangs():
     ("fsdp", 1 / 4, 2 / 4, 0),   # FSDP: nothing whole between steps
 ])
 def test_storage_levels_shard_what_they_claim(strategy, leaves, optimizer, copies, pools):
-    (got,) = pools(4).run([{"call": "autopar.testing:check_memory", "kwargs": {"strategy": strategy}}])
+    (got,) = pools(4).run([{"call": "autopar.checks:check_memory", "kwargs": {"strategy": strategy}}])
     assert "error" not in got, got.get("traceback")
     total = got["model"]
     # The runtime holds exactly what the plan claims ...
