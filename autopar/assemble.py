@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import hashlib
 
+from torch.distributed.tensor import Replicate
+
 from autopar.graph import CapturedGraph
 from autopar.plan import CollectiveRecord, Cost, NodePlan, ParamPlan, Stage
 from autopar.vocab import R, shard_count
+from autopar.passes.edges import gradient_target
 from autopar.passes.ilp import ShardingSolution, bucket_latency
 from autopar.passes.rules import tensor_args
 from autopar.passes.sharding import ShardingProblem
-from autopar.passes.strategies import NodeSharding, grads_of, normalized, param_options, split_axes
+from autopar.passes.strategies import NodeSharding, grads_of, param_options, split_axes
+from autopar.passes.units import deferrable
 
 
 def fingerprint(captured: CapturedGraph) -> str:
@@ -147,14 +151,19 @@ def _collectives(problem: ShardingProblem, solution: ShardingSolution, nodes: di
                 produced, nbytes = nodes[arg.name].outputs[0], ctx.nbytes(arg.name)
                 add(name, "forward", ctx.resharder.collectives(produced, plan.inputs[j], nbytes), j, arg.name)
                 if ctx.captured.nodes[arg.name].requires_grad:
-                    add(name, "backward", ctx.resharder.collectives(grads[j], normalized(produced), nbytes), j,
-                        arg.name)
+                    back = gradient_target(produced, grads[j], _bucketed_axes(ctx, arg, params))
+                    add(name, "backward", ctx.resharder.collectives(grads[j], back, nbytes), j, arg.name)
             elif arg.name in ctx.roles.params and ctx.owner[arg.name][0] != _unit_of(problem, name):
-                held = params[ctx.roles.params[arg.name]]  # a tied parameter used away from its owner
+                # a tied parameter used away from its owner: from its first use's placement, and its
+                # gradient back to the first use's gradient (`passes.edges`)
+                held = params[ctx.roles.params[arg.name]]
                 numel = ctx.captured.params[ctx.roles.params[arg.name]].meta.numel
-                add(name, "forward", ctx.resharder.collectives(held.storage, plan.inputs[j], numel * w_bytes), j,
+                unit, member, position = ctx.owner[arg.name]
+                first = nodes[problem.units[unit].members[member]]
+                raw = grads_of(NodeSharding(inputs=first.inputs, outputs=first.outputs, kinds=first.kinds))[position]
+                add(name, "forward", ctx.resharder.collectives(held.use, plan.inputs[j], numel * w_bytes), j,
                     arg.name)
-                add(name, "backward", ctx.resharder.collectives(grads[j], held.grad, numel * g_bytes), j, arg.name)
+                add(name, "backward", ctx.resharder.collectives(grads[j], raw, numel * g_bytes), j, arg.name)
     for out in ctx.captured.reduced_outputs:
         if out in nodes and ctx.captured.nodes[out].output is not None:
             placed = nodes[out].outputs[0]
@@ -171,3 +180,12 @@ def _collectives(problem: ShardingProblem, solution: ShardingSolution, nodes: di
 
 def _unit_of(problem: ShardingProblem, name: str) -> int:
     return problem.context.unit_of[name]
+
+
+def _bucketed_axes(ctx, arg, params: dict) -> frozenset:
+    """The axes on which a parameter-only tensor's gradient stays partial for its parameters'
+    buckets under the chosen `params` (`passes.edges._whole_axes`)."""
+    held = [params.get(ctx.roles.params[p]) for p in deferrable(ctx.captured, ctx.roles, arg)]
+    if not held or any(h is None or h.level != 0 for h in held):
+        return frozenset()
+    return frozenset(a for a in range(len(held[0].use)) if all(isinstance(h.use[a], Replicate) for h in held))

@@ -4,7 +4,16 @@ Takes the units and their strategies; gives `EdgeTable`s. For a tensor leaving u
 placement a and entering unit U in placement b, the cost is the forward reshard a → b plus, when a
 gradient flows back, the backward reshard from the gradient's placement at U's op to a with
 partial made replicated (`passes.reshard`). Tied parameters are edges too: from the unit that holds
-the parameter (storage, gradient placement) to each other unit that uses it.
+the parameter to each other unit that uses it, priced as the runtime moves it (`runtime.lower`):
+forward from the placement its first use takes it in (an FSDP parameter is gathered once, for its
+first use), and each use's gradient back to the placement the first use's gradient comes out in
+(partial where that op splits the batch), where autograd sums them before the parameter's one
+synchronization (`passes.param_pricing`: a bucketed all-reduce, a reduce-scatter), not once per use.
+A tensor computed from parameters alone (a position embedding, a weight's bf16 copy) whose
+parameters the chosen strategy keeps at DDP level has its partial gradient left partial on the
+axes where they are whole (`gradient_target`): the runtime reduces it with their gradients in
+the bucket, as DDP does. (The bucket's share of their bytes is not added to those parameters,
+whose gradient the price otherwise takes as whole.)
 
 Strategies that present the same placements on an edge are one *class*: the table is priced per
 pair of classes, which keeps it (and the ILP's edge variables) small. All the occurrences of an
@@ -20,10 +29,21 @@ reshard, which this prices low).
 
 from __future__ import annotations
 
+from torch.distributed.tensor import Partial, Replicate
+
 from autopar.passes.rules import tensor_args
 from autopar.passes.sharding import Context, EdgeTable
 from autopar.passes.strategies import Strategy, grads_of, normalized
-from autopar.passes.units import Unit
+from autopar.passes.units import Unit, deferrable
+
+
+def gradient_target(produced, grad, deferrable_axes: frozenset = frozenset()):
+    """Where a tensor's gradient goes back to from a reader's op: its producer's placement with
+    partial made whole, except on `deferrable_axes` (a parameter-only tensor whose parameters are
+    bucketed, `_whole_axes`), where a partial gradient stays partial."""
+    back = normalized(produced)
+    return tuple(g if a in deferrable_axes and isinstance(g, Partial) and isinstance(b, Replicate) else b
+                 for a, (g, b) in enumerate(zip(grad, back)))
 
 
 def _descriptors(ctx: Context, units: list[Unit], unit_of: dict[str, int]) -> dict[tuple, list]:
@@ -41,7 +61,8 @@ def _descriptors(ctx: Context, units: list[Unit], unit_of: dict[str, int]) -> di
                     if source == unit.index:
                         continue
                     position = units[source].members.index(arg.name)
-                    per_source.setdefault(source, []).append(("act", position, m, j, arg.name))
+                    per_source.setdefault(source, []).append(("act", position, m, j, _deferred(ctx, arg, source),
+                                                              arg.name))
                 elif arg.name in ctx.roles.params:
                     owner, mo, jo = ctx.owner[arg.name]
                     if owner != unit.index:
@@ -92,14 +113,37 @@ def _classes(keys: list) -> tuple[list[int], list]:
     return classes, list(index)
 
 
+def _deferred(ctx: Context, arg, source: int) -> tuple | None:
+    """Where in the source unit the parameters of a parameter-only tensor are held ((member,
+    argument) pairs), when the runtime may leave its gradient partial for their buckets
+    (`passes.units.deferrable`) and the unit holds them all; else None."""
+    if arg.name not in ctx.deferrable:
+        ctx.deferrable[arg.name] = deferrable(ctx.captured, ctx.roles, arg)
+    params = ctx.deferrable[arg.name]
+    if not params or any(ctx.owner[p][0] != source for p in params):
+        return None
+    return tuple(sorted(ctx.owner[p][1:] for p in params))
+
+
+def _whole_axes(strategy: Strategy, held_at: tuple | None) -> frozenset:
+    """The mesh axes on which a deferrable tensor's gradient may stay partial under `strategy`: its
+    parameters kept at DDP level (bucketed) and used whole there (`runtime.lower`)."""
+    if held_at is None:
+        return frozenset()
+    held = [strategy.params[position] for position in held_at]
+    if any(h.level != 0 for h in held):
+        return frozenset()
+    return frozenset(a for a in range(len(held[0].use)) if all(isinstance(h.use[a], Replicate) for h in held))
+
+
 def _row_key(strategy: Strategy, tensors: tuple) -> tuple:
     key = []
     for t in tensors:
         if t[0] == "act":
-            key.append(strategy.members[t[1]].outputs[0])
+            key.append((strategy.members[t[1]].outputs[0], _whole_axes(strategy, t[4])))
         else:
             held = strategy.params[(t[1], t[2])]
-            key.append((held.storage, held.grad))
+            key.append((held.use, grads_of(strategy.members[t[1]])[t[2]]))
     return tuple(key)
 
 
@@ -116,16 +160,18 @@ def _price(ctx: Context, t: tuple, name: str, produced, needed_and_grad) -> floa
     """One tensor's forward reshard and its gradient's backward reshard."""
     needed, grad = needed_and_grad
     if t[0] == "act":
+        produced, deferrable_axes = produced
         nbytes = ctx.nbytes(name)
         total = ctx.resharder.time(produced, needed, nbytes)
         flows = ctx.captured.nodes[name].requires_grad
+        back = gradient_target(produced, grad, deferrable_axes) if flows else normalized(produced)
         if flows:
-            total += ctx.resharder.time(grad, normalized(produced), nbytes)
-        return total + ctx.reshard_node(produced, needed, grad if flows else None, normalized(produced))
+            total += ctx.resharder.time(grad, back, nbytes)
+        return total + ctx.reshard_node(produced, needed, grad if flows else None, back)
     w_bytes, g_bytes, _ = ctx.param_bytes()
-    storage, grad_target = produced
+    use, raw = produced  # as the first use takes it, and its gradient there
     param = ctx.captured.params[ctx.roles.params[name]]
-    total = ctx.resharder.time(storage, needed, param.meta.numel * w_bytes)
+    total = ctx.resharder.time(use, needed, param.meta.numel * w_bytes)
     if param.requires_grad:
-        total += ctx.resharder.time(grad, grad_target, param.meta.numel * g_bytes)
-    return total
+        total += ctx.resharder.time(grad, raw, param.meta.numel * g_bytes)
+    return total + ctx.reshard_node(use, needed, grad if param.requires_grad else None, raw)

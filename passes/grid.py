@@ -101,6 +101,7 @@ def _configuration(costs: StageCosts, dp: int, tp: int, pp: int, zero: int, batc
                      for f, (a, _), plans in zip(figures, ranges, chosen)]
             once = [f.once for f in figures]
             step = schedules.step_time("1f1b", times, m, once) if pp > 1 else m * times[0] + once[0]
+            step += max(f.latency for f in figures)  # the stages' first gradient buckets (`interop._first_buckets`)
             out.append(GridPoint(dp=dp, tp=tp, pp=pp, microbatches=m, zero=zero, checkpoint=ckpt, step_time=step,
                                  memory=memory))
     return out

@@ -84,8 +84,7 @@ def bucket_latency(problem: ShardingProblem, choice: dict[int, int]) -> float:
     chosen strategy synchronizes in buckets (`runtime.sync`; the rest of the buckets are priced
     with the parameters, α · bytes / `BUCKET_BYTES` each). A step pays it whatever the model's size:
     on 4 gloo ranks of a 2-core machine α is about 7 ms, a tenth of a small model's step. The
-    pipeline search's stage figures (`passes.parts`) leave it out: one α per stage, microseconds
-    on NCCL."""
+    pipeline search's stage figures pay it once per stage (`passes.parts.PartPlan.buckets`)."""
     axes: dict[int, float] = {}
     for u, s in choice.items():
         axes.update(problem.strategies[u][s].buckets)

@@ -12,12 +12,15 @@ microbatches, the schedule, and activation checkpointing per stage.
    signature; identical layers share it. A stage's cost is the sum of its parts under the fastest
    combination of those plans that fits the device with the activations the schedule keeps
    alive, with or without checkpointing at layer boundaries.
-3. The DP (Alpa, Zheng et al. 2022, §5.2): for each bound t_max on the per-microbatch stage time,
-   F(s, a, d) = min over the first stage's blocks [a, b) and submesh of t(a, b, submesh, s) +
-   F(s - 1, b, d - |submesh|), stage times above t_max excluded; the step is
-   T = m·max t + c·(Σ t - max t) (`passes.schedules`) plus the once-per-step gradient
-   synchronization and optimizer step of the slowest stage. Outer loops: schedule and microbatch
-   count (divisors of the batch that the stages' data-parallel degree divides).
+3. The DP (after Alpa, Zheng et al. 2022, §5.2): for each bound t_max on the per-microbatch
+   stage time, stages are placed front to back over the blocks [a, b) and submeshes, stage times
+   above t_max excluded, keeping per (next block, devices used) every partial split not beaten on
+   both Σ t and the tail of the once-per-step work (each stage's gradient synchronization and
+   optimizer step, less the backward that follows it); the step is
+   T = m·max t + c·(Σ t - max t) + that tail (`passes.schedules`), plus the largest stage's first
+   gradient bucket latency. Alpa's own DP keeps only the least Σ t, which misses the tail. Outer
+   loops: schedule and microbatch count (divisors of the batch that the stages' data-parallel
+   degree divides).
 
 Submeshes are (1, 2^k) inside a node or 2^k whole nodes (Alpa's shapes with power-of-two node
 counts). Approximations, stated: costs come from the whole-batch graph scaled by 1/m per
@@ -101,14 +104,31 @@ def search(costs: StageCosts, submesh_list: list[_Submesh], *, schedules_: tuple
                 if kind == "interleaved" and p == 1:
                     continue
                 found = _dp(costs, submesh_list, kind, m, p, total, best.step_time if best else math.inf)
+                if found is not None:  # and each stage's first gradient bucket, after its last backward
+                    found = dataclasses.replace(found, step_time=found.step_time + _first_buckets(found.stages))
                 if found is not None and (best is None or found.step_time < best.step_time):
                     best = found
     return best
 
 
+def _first_buckets(stages) -> float:
+    """What a split adds for its stages' first gradient buckets: each stage pays its own after its
+    last backward, and the stages' ends overlap, so the step waits for the largest."""
+    return max((s.latency for s in stages), default=0.0)
+
+
 def _dp(costs: StageCosts, submesh_list: list[_Submesh], kind: str, m: int, p: int, total: int,
         limit: float = math.inf) -> PipelinePlan | None:
-    """The fastest split into p stages with step time below `limit`, or None."""
+    """The fastest split into p stages with step time below `limit`, or None.
+
+    Alpa's DP bounds each stage's busy time and minimizes Σ t; the step time (`schedules.step_time`)
+    also holds the tail of the stages' once-per-step work, max_i (o_i − b·Σ_{j<i} t_j), which Σ t
+    does not see (a split with a little less Σ t and its embedding's synchronization in the first
+    stage can lose to one with a little more). So for each bound U on the slowest stage's t, the
+    stages are placed front to back keeping, per (stages placed, next block, devices used), every
+    split not beaten on both Σ t and the tail so far. T = (m − c)·max t + c·Σ t + max(tail, 0)
+    rises with all three, so the optimum's own bound finds a split at least as fast: the result is
+    the fastest split."""
     blocks = len(costs.blocks)
     least = schedules.VIRTUAL if kind == "interleaved" else 1  # layers per stage: one per chunk
     # per stage (s stages left, itself included): its options from each first block, with the
@@ -117,6 +137,42 @@ def _dp(costs: StageCosts, submesh_list: list[_Submesh], kind: str, m: int, p: i
     # the tables with 1F1B's at the cost of at most half a microbatch of activations more)
     table = {s: costs.choices(m, math.ceil(schedules.in_flight(kind, p, m, p - s)), submesh_list, s, least)
              for s in range(1, p + 1)}
+    bounds = sorted({o.time for t in table.values() for row in t for _, _, o in row})
+    ramp = schedules.ramp_factor(kind)
+    best = _least_time(table, blocks, kind, m, p, total, limit)  # Alpa's: a good split to beat, found fast
+    for bound in bounds:
+        if m * bound >= (best[0] if best else limit):
+            break  # T >= m · max t >= m · U: no larger bound can win
+        beat = best[0] if best else limit
+        frontier: dict[tuple[int, int], list] = {(0, 0): [(0.0, -math.inf, ())]}  # (next block, devices)
+        for placed in range(p):
+            left, grown = p - placed, {}
+            for (a, d), points in frontier.items():
+                for b, devices, o in table[left][a]:
+                    if b > blocks - left + 1 or d + devices > total or o.time > bound:
+                        continue
+                    for sum_t, tail, stages in points:
+                        point = (sum_t + o.time, max(tail, o.once - schedules.BACKWARD_SHARE * sum_t), (*stages, o))
+                        if ramp * point[0] + max(point[1], 0.0) + (m - ramp) * o.time < beat:  # else T >= beat
+                            grown.setdefault((b, d + devices), []).append(point)
+            frontier = {key: _undominated(points) for key, points in grown.items()}
+        for _, _, stages in frontier.get((blocks, total), []):
+            t = schedules.step_time(kind, [o.time for o in stages], m, [o.once for o in stages])
+            if best is None or t < best[0]:
+                best = (t, stages)
+    if best is None:
+        return None
+    step, stages = best
+    layers = tuple((costs.blocks[o.blocks[0]][0], costs.blocks[o.blocks[1] - 1][1]) for o in stages)
+    return PipelinePlan(stages=stages, layers=layers, schedule=kind if p > 1 else "none", microbatches=m,
+                        step_time=step)
+
+
+def _least_time(table: dict, blocks: int, kind: str, m: int, p: int, total: int, limit: float) -> tuple | None:
+    """Alpa's DP: for each bound U on a stage's busy time m·t + o, the split of least Σ t, F(s, a, d) =
+    min over the first stage [a, b) and its submesh of t + F(s − 1, b, d − devices); the fastest
+    of those splits as (step time, stages), or None. Not always the fastest split (see `_dp`), but
+    a close one that lets `_dp` prune."""
     bounds = sorted({m * o.time + o.once for t in table.values() for row in t for _, _, o in row})
     best = None
     for bound in bounds:
@@ -124,7 +180,7 @@ def _dp(costs: StageCosts, submesh_list: list[_Submesh], kind: str, m: int, p: i
             break  # T >= U: no larger bound can win
 
         @functools.lru_cache(maxsize=None)
-        def f(s: int, a: int, d: int) -> tuple[float, tuple[StageChoice, ...]] | None:
+        def f(s: int, a: int, d: int) -> tuple[float, tuple] | None:
             if s == 0:
                 return (0.0, ()) if a == blocks and d == 0 else None
             result = None
@@ -138,16 +194,20 @@ def _dp(costs: StageCosts, submesh_list: list[_Submesh], kind: str, m: int, p: i
 
         found = f(p, 0, total)
         if found is not None:
-            stages = found[1]
-            t = schedules.step_time(kind, [o.time for o in stages], m, [o.once for o in stages])
+            t = schedules.step_time(kind, [o.time for o in found[1]], m, [o.once for o in found[1]])
             if best is None or t < best[0]:
-                best = (t, stages)
-    if best is None:
-        return None
-    step, stages = best
-    layers = tuple((costs.blocks[o.blocks[0]][0], costs.blocks[o.blocks[1] - 1][1]) for o in stages)
-    return PipelinePlan(stages=stages, layers=layers, schedule=kind if p > 1 else "none", microbatches=m,
-                        step_time=step)
+                best = (t, found[1])
+    return best
+
+
+def _undominated(points: list) -> list:
+    """The (Σ t, tail, stages) points no other beats on both Σ t and tail."""
+    kept, lowest = [], math.inf
+    for point in sorted(points, key=lambda q: (q[0], q[1])):
+        if point[1] < lowest:
+            kept.append(point)
+            lowest = point[1]
+    return kept
 
 
 def assemble(result: PipelinePlan, costs: StageCosts, virtual: int = 1) -> tuple[Stage, ...]:

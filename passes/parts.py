@@ -49,7 +49,9 @@ class PartPlan:
     """How many ways the batch dimension of the part's input is split."""
     fixed: float = 0.0
     """The part of `compute` every microbatch pays whole (`strategies.Strategy.fixed`)."""
-
+    buckets: tuple[tuple[int, float], ...] = ()
+    """(mesh axis, latency) of each axis its strategies synchronize gradients on in buckets: a
+    stage pays each axis's first bucket latency once, whatever its parts (`ilp.bucket_latency`)."""
 
 
 class Parts:
@@ -207,8 +209,10 @@ class Parts:
     def _measure(self, part: str, scoped: ShardingProblem, choice: dict[int, int]) -> PartPlan:
         compute = work = forward = once = activations = state = boundary = fixed = 0.0
         captured = self.problem.captured
+        buckets: dict[int, float] = {}
         for c, n in scoped.counts.items():
             s: Strategy = scoped.strategies[c][choice[c]]
+            buckets.update(s.buckets)
             share = _forward_share(captured, self.problem.units[c].members)
             compute += n * s.compute
             fixed += n * s.fixed
@@ -227,7 +231,8 @@ class Parts:
         if part.startswith("layer:"):
             boundary = self._boundary_bytes(part, scoped, choice)
         return PartPlan(choice=tuple(sorted(choice.items())), compute=compute, work=work, forward=forward, once=once,
-                        activations=activations, boundary=boundary, state=state, batch_shards=shards, fixed=fixed)
+                        activations=activations, boundary=boundary, state=state, batch_shards=shards, fixed=fixed,
+                        buckets=tuple(sorted(buckets.items())))
 
     def _boundary_bytes(self, part: str, scoped: ShardingProblem, choice: dict[int, int]) -> float:
         """Per device: the activations entering the layer from outside it, as the layer takes them

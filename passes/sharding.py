@@ -132,6 +132,9 @@ class Context:
     sharded one is gathered and reduced with them in one flat collective (`runtime.groups`)."""
     layer_numel: dict[str, int] = field(default_factory=dict)
     """Parameter placeholder → elements of those parameters together: the flat collective's size."""
+    deferrable: dict[str, set[str]] = field(default_factory=dict)
+    """Parameter-only tensor → its parameters, when its gradient may stay partial for their buckets
+    (`passes.units.deferrable`); filled as edges ask."""
     trainable_numel: int = 0
     """Elements of every trainable parameter: the gradient buckets' (`runtime.sync`) size, up to
     `runtime.sync.BUCKET_BYTES` each."""

@@ -36,6 +36,10 @@ class StageChoice:
     memory: float
     checkpoint: bool
     plans: tuple[tuple[str, PartPlan], ...]
+    latency: float = 0.0
+    """The first gradient bucket's latency on each axis the stage synchronizes in buckets, paid once
+    per step after its last backward (`ilp.bucket_latency`); added to the split's step time, not
+    to `once`, which the stage DP's bound is made of."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +59,8 @@ class _Figures:
     plans: tuple[PartPlan, ...]
     fixed: float = 0.0
     """The part of `work` every microbatch pays whole (`parts.PartPlan.fixed`)."""
+    latency: float = 0.0
+    """Each bucketed axis's first bucket latency, over the stage's parts (`StageChoice.latency`)."""
 
     def per_microbatch(self, m: int) -> float:
         """A microbatch's share of `work`: f + (work − f) / m, f what a cut of the batch does not
@@ -211,7 +217,8 @@ class StageCosts:
         chosen = dict(zip(self.part_counts(a, b), figures.plans))
         time = figures.per_microbatch(m) + self.transfer(a, mesh, chosen, m)
         return StageChoice(blocks=(a, b), devices=mesh.size, mesh_shape=mesh.shape, time=time, once=figures.once,
-                           memory=memory(figures), checkpoint=ckpt, plans=tuple(chosen.items()))
+                           memory=memory(figures), checkpoint=ckpt, plans=tuple(chosen.items()),
+                           latency=figures.latency)
 
     def _untraded(self, a: int, b: int, mesh: LogicalMesh, m: int, ckpt: bool
                   ) -> tuple[_Figures, StageChoice] | None:
@@ -226,7 +233,7 @@ class StageCosts:
                 time = figures.per_microbatch(m) + self.transfer(a, mesh, chosen, m)
                 found = figures, StageChoice(blocks=(a, b), devices=mesh.size, mesh_shape=mesh.shape, time=time,
                                              once=figures.once, memory=math.nan, checkpoint=ckpt,
-                                             plans=tuple(chosen.items()))
+                                             plans=tuple(chosen.items()), latency=figures.latency)
             self._memo[key] = found
         return self._memo[key]
 
@@ -271,8 +278,10 @@ class StageCosts:
     def figures_of(self, a: int, b: int, shape: tuple[int, ...], ckpt: bool, chosen: dict[str, PartPlan]) -> _Figures:
         """Blocks [a, b) on a mesh of `shape` with these plans of their parts (`part_counts`)."""
         work = once = state = flight = largest = fixed = 0.0
+        buckets: dict[int, float] = {}
         for part, n in self.part_counts(a, b).items():
             plan = chosen[part]
+            buckets.update(plan.buckets)
             layer = part.startswith("layer:")
             work += n * (plan.work + (plan.forward if ckpt and layer else 0.0))
             fixed += n * plan.fixed
@@ -286,7 +295,7 @@ class StageCosts:
         work += self._cross(a, b, shape, {part: dict(plan.choice) for part, plan in chosen.items()})
         return _Figures(work=work, once=once, state=state, flight=flight, largest=largest,
                         shards=max(plan.batch_shards for plan in chosen.values()), plans=tuple(chosen.values()),
-                        fixed=fixed)
+                        fixed=fixed, latency=sum(buckets.values()))
 
     def _cross(self, a: int, b: int, shape: tuple[int, ...], picks: dict[str, dict[int, int]]) -> float:
         """The resharding between layers of different signatures that the stage holds."""

@@ -88,6 +88,41 @@ def roles(captured: CapturedGraph) -> Roles:
     return Roles(params=params, state=state, activations=activations, inputs=inputs, ignored=ignored, data=data)
 
 
+def upstream(node: fx.Node, roles_: Roles) -> tuple[set[str], set[str]]:
+    """The parameter placeholders a parameter-only computation reads, and the nodes on the way
+    (the node itself included)."""
+    found, stack, seen = set(), [node], set()
+    while stack:
+        n = stack.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        for a in n.all_input_nodes:
+            if a.name in roles_.params:
+                found.add(a.name)
+            elif a.name in roles_.activations and a.name not in roles_.data:
+                stack.append(a)
+    return found, seen
+
+
+def deferrable(captured: CapturedGraph, roles_: Roles, node: fx.Node) -> set[str]:
+    """The parameter placeholders of a parameter-only computation (a position embedding of arange, a
+    weight's bf16 copy) through which alone those parameters reach the step; empty when `node`
+    reads the user's data or its parameters are also used elsewhere. Such a tensor's gradient may
+    stay partial back to its parameters, to be reduced with their other gradients in buckets
+    (`runtime.lower`, as DDP does) instead of on its own."""
+    if node.name not in roles_.activations or node.name in roles_.data:
+        return set()
+    params, path = upstream(node, roles_)
+    names = {roles_.params[p] for p in params}
+    names |= {t for n in names for t in captured.params[n].tied if t in captured.params}
+    graph = captured.program.graph
+    every = [x for n in names for x in graph.find_nodes(op="placeholder", target=captured.params[n].placeholder)]
+    if not params or any(u.name not in path for n in every for u in n.users):
+        return set()
+    return params
+
+
 def activation_args(node: fx.Node, roles_: Roles) -> list[fx.Node]:
     return [a for a in tensor_args(node) if a.name in roles_.activations]
 

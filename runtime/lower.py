@@ -28,7 +28,7 @@ from autopar.plan import NodePlan, Stage
 from autopar.passes.reshard import moves
 from autopar.passes.rules import tensor_args
 from autopar.passes.strategies import NodeSharding, grads_of, normalized
-from autopar.passes.units import roles
+from autopar.passes.units import roles, upstream
 from autopar.runtime import dropout, kernels
 from autopar.runtime.collectives import Reshard, ReshardSpec
 from autopar.runtime.groups import GroupGather
@@ -276,7 +276,7 @@ class _Builder:
         if arg.name in self.roles.data or arg.name not in self.stage.nodes:
             return grad_out
         axes = [a for a, (p, g) in enumerate(zip(grad_in, grad_out)) if isinstance(p, Partial) and isinstance(g, Replicate)]
-        params, path = _upstream(arg, self.roles)
+        params, path = upstream(arg, self.roles)
         holders = [self.holders.get(self.roles.params[p]) for p in params]
         if not axes or not holders or any(h is None or h.plan.level != 0 for h in holders):
             return grad_out
@@ -327,23 +327,6 @@ class _Builder:
         self.count += 1
         self.root.add_module(name, module)
         return self.graph.call_module(name, args, kwargs)
-
-
-def _upstream(node: fx.Node, roles_) -> tuple[set[str], set[str]]:
-    """The parameter placeholders a parameter-only computation reads, and the nodes on the way
-    (the node itself included)."""
-    found, stack, seen = set(), [node], set()
-    while stack:
-        n = stack.pop()
-        if n.name in seen:
-            continue
-        seen.add(n.name)
-        for a in n.all_input_nodes:
-            if a.name in roles_.params:
-                found.add(a.name)
-            elif a.name in roles_.activations and a.name not in roles_.data:
-                stack.append(a)
-    return found, seen
 
 
 def _outputs(node: fx.Node) -> list:

@@ -29,16 +29,18 @@ def test_simple_changes_are_one_collective():
     assert steps((S(0), R), (S(0), R)) == []
 
 
-@pytest.mark.parametrize("model, strategy", [("gpt-tiny", "tp"), ("llama-tiny", "tp")])
+@pytest.mark.parametrize("model, strategy", [("gpt-tiny", "tp"), ("llama-tiny", "tp"), ("gpt-tiny", "dp")])
 def test_the_plan_lists_the_reshards_a_step_runs(model, strategy, pools):
     # Attention's q, k and v (and Llama's gate and up) read one normalized tensor: the runtime runs
-    # one reshard for all its readers, and sums their gradients before one all-reduce back.
+    # one reshard for all its readers, and sums their gradients before one all-reduce back. GPT's
+    # data-parallel step runs none between ops: its head's share of the tied embedding's gradient
+    # and its position embedding's gradient stay partial for the one bucketed all-reduce.
     (got,) = pools(2).run([{"call": "autopar.checks:collective_counts",
                             "kwargs": {"model": model, "strategy": strategy}}])
     assert "error" not in got, got.get("traceback")
-    assert got["planned"].get("all_reduce", 0) > 0
-    for kind, count in got["planned"].items():
-        assert got["blocking"].get(kind, 0) == count, (kind, got)
+    assert (got["planned"].get("all_reduce", 0) > 0) == (strategy == "tp")
+    for kind in set(got["planned"]) | set(got["blocking"]):
+        assert got["blocking"].get(kind, 0) == got["planned"].get(kind, 0), (kind, got)
 
 
 @pytest.mark.parametrize("src, dst", [((P,), (R,)), ((Partial("avg"),), (R,)), ((S(0),), (R,)), ((S(1),), (R,)),
