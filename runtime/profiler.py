@@ -19,7 +19,7 @@ rank's (all-reduce MAX):
   timed as a step meets them (`in_step_seconds`: after a chunk of computation, not right after a
   barrier), over message sizes 4 KiB .. 64 MiB (--quick: 4 KiB .. 2 MiB), every size of every
   kind taking turns round by round, each the trimmed mean of its repeats (a step pays the mean);
-  α and β least-squares fitted per (collective, group size, scope);
+  α and β least-squares fitted per (collective, group size, scope), and the measured times kept;
 - the slowest rank's excess: a chunk of mixed kernels on every rank in rounds started together, the
   slowest of each group of p ranks against its slowest mean, per group size
   (`runtime.profile_straggle`).
@@ -328,7 +328,9 @@ def add_parser(sub) -> None:
                        description="Time matmuls (fp32, bf16, fp16, tf32 on GPUs), memory bandwidth, the fixed "
                                    "cost of one kernel, and every collective over group sizes 2, 4, ... and "
                                    "message sizes 4 KiB to 64 MiB, each timed after a chunk of computation as a "
-                                   "training step meets it (α and β least-squares fitted), and how much longer "
+                                   "training step meets it (α and β least-squares fitted; the measured times "
+                                   "are kept, and the cost model follows them between the sizes measured), and "
+                                   "how much longer "
                                    "the slowest of p ranks takes over the same computation, on every rank "
                                    "at once; write a cluster JSON that `--cluster FILE` reads, and print the "
                                    "share of CPU time the hypervisor took meanwhile (steal; a warning above 5%). "
