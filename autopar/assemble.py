@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import hashlib
 
-from torch.distributed.tensor import Replicate
-
 from autopar.graph import CapturedGraph
 from autopar.plan import CollectiveRecord, Cost, NodePlan, ParamPlan, Stage
 from autopar.vocab import R, shard_count
-from autopar.passes.edges import gradient_target
+from autopar.passes.edges import bucketed_axes, gradient_target
 from autopar.passes.ilp import ShardingSolution, bucket_latency
 from autopar.passes.rules import tensor_args
 from autopar.passes.sharding import ShardingProblem
@@ -151,7 +149,8 @@ def _collectives(problem: ShardingProblem, solution: ShardingSolution, nodes: di
                 produced, nbytes = nodes[arg.name].outputs[0], ctx.nbytes(arg.name)
                 add(name, "forward", ctx.resharder.collectives(produced, plan.inputs[j], nbytes), j, arg.name)
                 if ctx.captured.nodes[arg.name].requires_grad:
-                    back = gradient_target(produced, grads[j], _bucketed_axes(ctx, arg, params))
+                    held = [params.get(ctx.roles.params[p]) for p in deferrable(ctx.captured, ctx.roles, arg)]
+                    back = gradient_target(produced, grads[j], bucketed_axes(held))
                     add(name, "backward", ctx.resharder.collectives(grads[j], back, nbytes), j, arg.name)
             elif arg.name in ctx.roles.params and ctx.owner[arg.name][0] != _unit_of(problem, name):
                 # a tied parameter used away from its owner: from its first use's placement, and its
@@ -180,12 +179,3 @@ def _collectives(problem: ShardingProblem, solution: ShardingSolution, nodes: di
 
 def _unit_of(problem: ShardingProblem, name: str) -> int:
     return problem.context.unit_of[name]
-
-
-def _bucketed_axes(ctx, arg, params: dict) -> frozenset:
-    """The axes on which a parameter-only tensor's gradient stays partial for its parameters'
-    buckets under the chosen `params` (`passes.edges._whole_axes`)."""
-    held = [params.get(ctx.roles.params[p]) for p in deferrable(ctx.captured, ctx.roles, arg)]
-    if not held or any(h is None or h.level != 0 for h in held):
-        return frozenset()
-    return frozenset(a for a in range(len(held[0].use)) if all(isinstance(h.use[a], Replicate) for h in held))

@@ -125,21 +125,21 @@ def first_difference(compiled, model: torch.nn.Module, inputs: tuple, target, rt
     local_values: dict[str, torch.Tensor] = {}
 
     class Recorder(fx.Interpreter):
+        """Runs a graph module and keeps every node's value in `values`."""
+
+        def __init__(self, module, values: dict[str, torch.Tensor]) -> None:
+            super().__init__(module)
+            self.values = values
+
         def run_node(self, n):
             out = super().run_node(n)
-            local_values[n.name] = out
+            self.values[n.name] = out
             return out
 
     args = compiled.program_args(flat)
     with torch.no_grad():
-        Recorder(compiled.program).run(*args)
+        Recorder(compiled.program, local_values).run(*args)
         reference_values: dict[str, torch.Tensor] = {}
-
-        class Reference(fx.Interpreter):
-            def run_node(self, n):
-                out = super().run_node(n)
-                reference_values[n.name] = out
-                return out
 
         state = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
         sig = program.graph_signature
@@ -148,7 +148,7 @@ def first_difference(compiled, model: torch.nn.Module, inputs: tuple, target, rt
             if spec.target is not None:
                 order.append(state.get(spec.target.removeprefix("model."), program.constants.get(spec.target)))
         order += [x.cpu() for x in flat]
-        Reference(program.graph_module).run(*order)
+        Recorder(program.graph_module, reference_values).run(*order)
     report = None
     for node in program.graph.nodes:
         if node.op == "placeholder" or node.name not in compiled.layout.values or node.name not in reference_values:

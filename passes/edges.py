@@ -40,7 +40,7 @@ from autopar.passes.units import Unit, deferrable
 def gradient_target(produced, grad, deferrable_axes: frozenset = frozenset()):
     """Where a tensor's gradient goes back to from a reader's op: its producer's placement with
     partial made whole, except on `deferrable_axes` (a parameter-only tensor whose parameters are
-    bucketed, `_whole_axes`), where a partial gradient stays partial."""
+    bucketed, `bucketed_axes`), where a partial gradient stays partial."""
     back = normalized(produced)
     return tuple(g if a in deferrable_axes and isinstance(g, Partial) and isinstance(b, Replicate) else b
                  for a, (g, b) in enumerate(zip(grad, back)))
@@ -125,13 +125,11 @@ def _deferred(ctx: Context, arg, source: int) -> tuple | None:
     return tuple(sorted(ctx.owner[p][1:] for p in params))
 
 
-def _whole_axes(strategy: Strategy, held_at: tuple | None) -> frozenset:
-    """The mesh axes on which a deferrable tensor's gradient may stay partial under `strategy`: its
-    parameters kept at DDP level (bucketed) and used whole there (`runtime.lower`)."""
-    if held_at is None:
-        return frozenset()
-    held = [strategy.params[position] for position in held_at]
-    if any(h.level != 0 for h in held):
+def bucketed_axes(held: list) -> frozenset:
+    """The mesh axes on which a deferrable tensor's gradient may stay partial, given how its
+    parameters are held (each with a `level` and a `use`; None where unknown): all kept at DDP
+    level (bucketed) and used whole there (`runtime.lower`)."""
+    if not held or any(h is None or h.level != 0 for h in held):
         return frozenset()
     return frozenset(a for a in range(len(held[0].use)) if all(isinstance(h.use[a], Replicate) for h in held))
 
@@ -140,7 +138,8 @@ def _row_key(strategy: Strategy, tensors: tuple) -> tuple:
     key = []
     for t in tensors:
         if t[0] == "act":
-            key.append((strategy.members[t[1]].outputs[0], _whole_axes(strategy, t[4])))
+            key.append((strategy.members[t[1]].outputs[0],
+                        bucketed_axes([strategy.params[at] for at in t[4]]) if t[4] else frozenset()))
         else:
             held = strategy.params[(t[1], t[2])]
             key.append((held.use, grads_of(strategy.members[t[1]])[t[2]]))

@@ -139,7 +139,7 @@ def _dp(costs: StageCosts, submesh_list: list[_Submesh], kind: str, m: int, p: i
              for s in range(1, p + 1)}
     bounds = sorted({o.time for t in table.values() for row in t for _, _, o in row})
     ramp = schedules.ramp_factor(kind)
-    best = _least_time(table, blocks, kind, m, p, total, limit)  # Alpa's: a good split to beat, found fast
+    best = None
     for bound in bounds:
         if m * bound >= (best[0] if best else limit):
             break  # T >= m · max t >= m · U: no larger bound can win
@@ -166,38 +166,6 @@ def _dp(costs: StageCosts, submesh_list: list[_Submesh], kind: str, m: int, p: i
     layers = tuple((costs.blocks[o.blocks[0]][0], costs.blocks[o.blocks[1] - 1][1]) for o in stages)
     return PipelinePlan(stages=stages, layers=layers, schedule=kind if p > 1 else "none", microbatches=m,
                         step_time=step)
-
-
-def _least_time(table: dict, blocks: int, kind: str, m: int, p: int, total: int, limit: float) -> tuple | None:
-    """Alpa's DP: for each bound U on a stage's busy time m·t + o, the split of least Σ t, F(s, a, d) =
-    min over the first stage [a, b) and its submesh of t + F(s − 1, b, d − devices); the fastest
-    of those splits as (step time, stages), or None. Not always the fastest split (see `_dp`), but
-    a close one that lets `_dp` prune."""
-    bounds = sorted({m * o.time + o.once for t in table.values() for row in t for _, _, o in row})
-    best = None
-    for bound in bounds:
-        if bound >= (best[0] if best else limit):
-            break  # T >= U: no larger bound can win
-
-        @functools.lru_cache(maxsize=None)
-        def f(s: int, a: int, d: int) -> tuple[float, tuple] | None:
-            if s == 0:
-                return (0.0, ()) if a == blocks and d == 0 else None
-            result = None
-            for b, devices, o in table[s][a]:
-                if b > blocks - s + 1 or devices > d or m * o.time + o.once > bound:
-                    continue
-                rest = f(s - 1, b, d - devices)
-                if rest is not None and (result is None or o.time + rest[0] < result[0]):
-                    result = (o.time + rest[0], (o, *rest[1]))
-            return result
-
-        found = f(p, 0, total)
-        if found is not None:
-            t = schedules.step_time(kind, [o.time for o in found[1]], m, [o.once for o in found[1]])
-            if best is None or t < best[0]:
-                best = (t, found[1])
-    return best
 
 
 def _undominated(points: list) -> list:

@@ -28,7 +28,7 @@ from autopar.plan import NodePlan, Stage
 from autopar.passes.reshard import moves
 from autopar.passes.rules import tensor_args
 from autopar.passes.strategies import NodeSharding, grads_of, normalized
-from autopar.passes.units import roles, upstream
+from autopar.passes.units import deferrable, roles, upstream
 from autopar.runtime import dropout, kernels
 from autopar.runtime.collectives import Reshard, ReshardSpec
 from autopar.runtime.groups import GroupGather
@@ -253,13 +253,6 @@ class _Builder:
         name = self.roles.params[placeholder]
         return self.holders.get(name) or self.holders[_tied(self.captured, name, self.holders)]
 
-    def _placeholders(self, holders: list[Holder]) -> list[fx.Node]:
-        """The program's parameter placeholders that enter through `holders` (a tied parameter's
-        every name)."""
-        names = {h.name for h in holders}
-        return [n for n in self.captured.program.graph.nodes if n.op == "placeholder" and n.name in self.roles.params
-                and names & {self.roles.params[n.name], *self.captured.params[self.roles.params[n.name]].tied}]
-
     def _gather_group(self, group) -> None:
         """The first use of a grouped parameter gathers its whole group (one collective)."""
         placeholders = [self.placeholder_of[id(h)] for h in group.holders]
@@ -276,14 +269,14 @@ class _Builder:
         if arg.name in self.roles.data or arg.name not in self.stage.nodes:
             return grad_out
         axes = [a for a, (p, g) in enumerate(zip(grad_in, grad_out)) if isinstance(p, Partial) and isinstance(g, Replicate)]
-        params, path = upstream(arg, self.roles)
+        # the parameters must reach the step only through this computation (`passes.units.deferrable`):
+        # a direct use elsewhere (the embedding of a head tied to its bf16 copy) has its gradient made
+        # whole in backward already, and the bucketed all-reduce that deferring implies would count
+        # it once per rank
+        params = deferrable(self.captured, self.roles, arg)
+        _, path = upstream(arg, self.roles)
         holders = [self.holders.get(self.roles.params[p]) for p in params]
         if not axes or not holders or any(h is None or h.plan.level != 0 for h in holders):
-            return grad_out
-        # the parameters reach the step only through this computation: a direct use elsewhere (the
-        # embedding of a head tied to its bf16 copy) has its gradient made whole in backward already,
-        # and the bucketed all-reduce that deferring implies would count it once per rank
-        if any(u.name not in path for p in self._placeholders(holders) for u in p.users):
             return grad_out
         # partial sums pass through backward locally only where every value on the way is whole
         if any(not isinstance(h.plan.use[a], Replicate) for h in holders for a in axes) or any(
