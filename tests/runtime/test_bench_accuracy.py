@@ -46,6 +46,50 @@ def test_the_table_reports_errors_rounds_and_the_summary():
     assert accuracy_table(with_mfu).splitlines()[2].endswith("| 10.0% | 20.0% |")
 
 
+def test_the_table_reports_the_error_at_the_profiles_speed():
+    case = AccuracyCase(label="GPT dp", model="gpt-tiny", world=2, batch=16, strategy="dp")
+    # The machine ran at 0.8 of its profiled speed (median of the rounds): 100 ms measured is 80 ms
+    # at the profile's speed, against which 90 ms predicted is 12.5% slow.
+    row = AccuracyRow(case=case, plan="one stage on 2", predicted_time=0.09, measured_time=0.1, predicted_memory=1e7,
+                      measured_memory=1e7, rounds=(0.1, 0.1, 0.1), speeds=(0.7, 0.8, 0.95))
+    assert row.speed == pytest.approx(0.8) and row.speed_error == pytest.approx(0.125)
+    table = accuracy_table([row, dataclasses.replace(row, speeds=(1.0,))])
+    assert "| machine speed | error at the profile's speed |" in table
+    assert "| 10.0% | 10.0% | ×0.80 | 12.5% | 10 MB | 10 MB | 0.0% |" in table
+    assert "| step time, at the profile's speed | 11.2% | 12.5% | |" in table  # median of 12.5% and 10.0%
+    # A row without the machine's speed (no profile): no such columns.
+    plain = dataclasses.replace(row, speeds=())
+    assert plain.speed is None and plain.speed_error is None
+    assert "profile's speed" not in accuracy_table([plain, row])
+
+
+def test_the_machine_speed_is_the_reference_matmuls_rate_against_the_profiles():
+    from autopar.bench_accuracy import Speed, _rounds
+    from autopar.cost.profile import MatmulRate, Profile
+
+    def profile(rate):
+        return Profile(backend="gloo", memory_bandwidth=20e9, kernel_overhead=2e-6, collectives=(),
+                       matmul=(MatmulRate(dtype="fp32", m=256, k=256, n=256, rate=rate),))
+
+    assert Speed(profile(1e15), torch.device("cpu")).measure() < 0.01   # no CPU core does a PFLOP/s
+    assert Speed(profile(1e6), torch.device("cpu")).measure() > 100
+
+    class Case:  # what `_rounds` uses of a prepared case
+        def __init__(self):
+            self.cluster, self.device = autopar.Cluster.preset("cpu"), torch.device("cpu")
+            self.cluster = dataclasses.replace(self.cluster, profile=profile(1e15))
+            self.timed, self.speeds = 0, []
+
+        def round(self, warm):
+            self.timed += 1
+
+    cases = [Case(), Case()]
+    _rounds(cases, 3)
+    assert [c.timed for c in cases] == [3, 3]
+    assert len(cases[0].speeds) == 3 and cases[0].speeds == cases[1].speeds  # one measurement per round, shared
+    assert all(0 < s < 0.01 for s in cases[0].speeds)
+
+
 def test_steal_is_the_hypervisors_share_of_the_cpu_time_between_two_readings(tmp_path):
     from autopar.bench import cpu_times, stolen
 
