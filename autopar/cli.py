@@ -180,7 +180,7 @@ def _accuracy(args: argparse.Namespace) -> str:
     """Profiles 2 and 4 local ranks (or reads --cluster files), then runs the accuracy cases."""
     import tempfile
 
-    from autopar import bench, bench_accuracy
+    from autopar import accuracy_report, bench, bench_accuracy
     from autopar.runtime import profiler
 
     if args.gpu:
@@ -204,7 +204,7 @@ def _accuracy(args: argparse.Namespace) -> str:
     else:
         rows = bench_accuracy.accuracy_benchmark(clusters, rounds=args.rounds)
         where = "local gloo ranks (one thread each)"
-    table = bench_accuracy.accuracy_table(rows)
+    table = accuracy_report.accuracy_table(rows)
     steal = bench.stolen(before, bench.cpu_times())
     print(f"predicted against measured, AdamW training steps on {where} with the cluster `autopar profile` "
           f"measured for that many ranks; {bench.machine()}"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import autopar
-from autopar.bench_accuracy import AccuracyCase, AccuracyRow, accuracy_summary, accuracy_table, kendall_tau
+from autopar.accuracy_report import AccuracyCase, AccuracyRow, accuracy_summary, accuracy_table, kendall_tau
 
 
 def test_kendall_tau_counts_concordant_and_discordant_pairs():
