@@ -126,9 +126,9 @@ def _dp(costs: StageCosts, submesh_list: list[_Submesh], kind: str, m: int, p: i
     does not see (a split with a little less Σ t and its embedding's synchronization in the first
     stage can lose to one with a little more). So for each bound U on the slowest stage's t, the
     stages are placed front to back keeping, per (stages placed, next block, devices used), every
-    split not beaten on both Σ t and the tail so far. T = (m − c)·max t + c·Σ t + max(tail, 0)
-    rises with all three, so the optimum's own bound finds a split at least as fast: the result is
-    the fastest split."""
+    split that no other beats however it goes on (`_undominated`). T = (m − c)·max t + g at the
+    end, so the optimum's own bound finds a split at least as fast: the result is the fastest
+    split."""
     blocks = len(costs.blocks)
     least = schedules.VIRTUAL if kind == "interleaved" else 1  # layers per stage: one per chunk
     # per stage (s stages left, itself included): its options from each first block, with the
@@ -138,6 +138,9 @@ def _dp(costs: StageCosts, submesh_list: list[_Submesh], kind: str, m: int, p: i
     table = {s: costs.choices(m, math.ceil(schedules.in_flight(kind, p, m, p - s)), submesh_list, s, least)
              for s in range(1, p + 1)}
     bounds = sorted({o.time for t in table.values() for row in t for _, _, o in row})
+    # the most once-per-step work any stage from block a on can add (`_undominated`)
+    future = [max((o.once for t in table.values() for row in t[a:] for _, _, o in row), default=0.0)
+              for a in range(blocks + 1)]
     ramp = schedules.ramp_factor(kind)
     best = None
     for bound in bounds:
@@ -155,7 +158,7 @@ def _dp(costs: StageCosts, submesh_list: list[_Submesh], kind: str, m: int, p: i
                         point = (sum_t + o.time, max(tail, o.once - schedules.BACKWARD_SHARE * sum_t), (*stages, o))
                         if ramp * point[0] + max(point[1], 0.0) + (m - ramp) * o.time < beat:  # else T >= beat
                             grown.setdefault((b, d + devices), []).append(point)
-            frontier = {key: _undominated(points) for key, points in grown.items()}
+            frontier = {key: _undominated(points, ramp, future[key[0]]) for key, points in grown.items()}
         for _, _, stages in frontier.get((blocks, total), []):
             t = schedules.step_time(kind, [o.time for o in stages], m, [o.once for o in stages])
             if best is None or t < best[0]:
@@ -168,13 +171,31 @@ def _dp(costs: StageCosts, submesh_list: list[_Submesh], kind: str, m: int, p: i
                         step_time=step)
 
 
-def _undominated(points: list) -> list:
-    """The (Σ t, tail, stages) points no other beats on both Σ t and tail."""
+def _undominated(points: list, c: float, most: float = math.inf) -> list:
+    """The (Σ t, tail, stages) points of partial splits that no other beats however they go on.
+    With g = c·Σ t + max(tail, 0) and h = (c − b)·Σ t (b: `schedules.BACKWARD_SHARE`), a stage
+    of time τ and once-per-step work o placed next gives
+
+        g' = c·τ + max(g, o + h),    h' = h + (c − b)·τ,
+
+    both non-decreasing in g and h, and a whole split takes T = (m − c)·max t + g. So a point
+    with g and h both at most another's is at least as fast whatever follows, and only those
+    that no other has so are kept. Where c ≥ b (1F1B, GPipe) a larger Σ t never helps; where
+    c < b (interleaved: c = 1/2, b = 2/3) it can, by moving a later stage's once-per-step work
+    behind the earlier stages' backwards, which keeping the points better on both Σ t and tail
+    missed; where c = b (zero-bubble) one point per key is enough. And a point with
+    `most` + h ≤ g, `most` the most once-per-step work a later stage can add, keeps
+    g' = g + c·Σ τ whatever follows (o + h + (c − b)·Σ τ ≤ g + c·Σ τ), so it beats every point of
+    larger g."""
+    h_of = lambda q: (c - schedules.BACKWARD_SHARE) * q[0]  # noqa: E731
     kept, lowest = [], math.inf
-    for point in sorted(points, key=lambda q: (q[0], q[1])):
-        if point[1] < lowest:
+    for point in sorted(points, key=lambda q: (c * q[0] + max(q[1], 0.0), h_of(q))):
+        h = h_of(point)
+        if h < lowest:
             kept.append(point)
-            lowest = point[1]
+            lowest = h
+            if most + h <= c * point[0] + max(point[1], 0.0):
+                break
     return kept
 
 

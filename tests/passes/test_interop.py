@@ -2,6 +2,7 @@
 against brute force over every split, on tiny GPTs planned on the meta device."""
 
 import itertools
+import math
 
 import pytest
 
@@ -69,14 +70,20 @@ def _costs(captured, budget, blocks=3):
 
 
 def _brute_force(costs, subs, kind, m, p):
+    """The least step time over every split into p stages and every assignment of submeshes, each
+    stage holding the activations the DP gives it (interleaved: its in-flight count rounded up to
+    whole microbatches, and at least one layer per chunk)."""
     total, blocks = costs.cluster.num_devices, len(costs.blocks)
+    least = schedules.VIRTUAL if kind == "interleaved" else 1
     best = None
     for cuts in itertools.combinations(range(1, blocks), p - 1):
         bounds = list(zip((0, *cuts), (*cuts, blocks)))
+        if any(costs.blocks[b - 1][1] - costs.blocks[a][0] < least for a, b in bounds):
+            continue
         for meshes in itertools.product(subs, repeat=p):
             if sum(s.devices for s in meshes) != total:
                 continue
-            stages = [costs.stage(a, b, sub, m, schedules.in_flight(kind, p, m, i))
+            stages = [costs.stage(a, b, sub, m, math.ceil(schedules.in_flight(kind, p, m, i)))
                       for i, ((a, b), sub) in enumerate(zip(bounds, meshes))]
             if any(s is None for s in stages):
                 continue
@@ -89,8 +96,10 @@ def _brute_force(costs, subs, kind, m, p):
 def test_dp_matches_brute_force_over_all_splits(four_layers, budget):
     costs, cluster = _costs(four_layers, budget)
     subs = stage_costs.submeshes(cluster)
-    for kind, m in [("1f1b", 2), ("gpipe", 4)]:
+    for kind, m in [("1f1b", 2), ("gpipe", 4), ("interleaved", 4), ("zero-bubble", 4)]:
         for p in (1, 2, 3):
+            if kind == "interleaved" and p == 1:
+                continue  # the search runs one stage as no schedule
             found = interop._dp(costs, subs, kind, m, p, cluster.num_devices)
             expected = _brute_force(costs, subs, kind, m, p)
             if expected is None:
@@ -98,6 +107,30 @@ def test_dp_matches_brute_force_over_all_splits(four_layers, budget):
             else:
                 assert found is not None and found.step_time == pytest.approx(expected, rel=1e-12)
                 assert len(found.stages) == p and sum(s.devices for s in found.stages) == cluster.num_devices
+
+
+def test_dp_keeps_a_split_whose_larger_sum_of_times_pays_off_in_the_tail():
+    """Interleaved: T = (m − c)·max t + c·Σ t + tail with c = 1/2, while a later stage's
+    once-per-step work o counts as o − b·Σ t before it with b = 2/3 > c. A first stage 0.3 s slower
+    per microbatch then buys 0.2 s of tail for 0.15 s of c·Σ t: the split with the larger Σ t and
+    the same tail so far wins, which keeping only splits better on both Σ t and tail drops."""
+    from types import SimpleNamespace
+
+    def choice(a, b, time, once):
+        return stage_costs.StageChoice(blocks=(a, b), devices=2, mesh_shape=(2,), time=time, once=once, memory=0.0,
+                                       checkpoint=False, plans=())
+
+    first = [(1, 2, choice(0, 1, 1.0, 0.0)), (1, 2, choice(0, 1, 1.3, 0.0))]
+    last = [(2, 2, choice(1, 2, 2.0, 10.0))]
+    tables = {2: [first, []], 1: [[], last]}
+    costs = SimpleNamespace(blocks=[(0, 2), (2, 4)], cluster=SimpleNamespace(num_devices=4),
+                            choices=lambda m, k, subs, left, least: tables[left])
+    m = 8
+    splits = [schedules.step_time("interleaved", [o.time, 2.0], m, [0.0, 10.0]) for _, _, o in first]
+    assert splits[1] < splits[0]  # 2m − 1 + 1.65 + (10 − 2/3·1.3) against 2m − 1 + 1.5 + (10 − 2/3·1.0)
+    found = interop._dp(costs, [], "interleaved", m, 2, 4)
+    assert found.step_time == pytest.approx(min(splits), rel=1e-12)
+    assert found.stages[0].time == 1.3
 
 
 def test_no_stages_when_the_model_fits(four_layers):
