@@ -232,10 +232,12 @@ def _from_rank_zero(tensor: torch.Tensor, device: torch.device | World) -> torch
     if tensor.device.type == "meta":
         raise ValueError("parameters: found tensors on the meta device, required materialized ones (build the "
                          "model on a real device; plan on meta with autopar.plan)")
-    value = tensor.detach().to(device.device if isinstance(device, World) else device).clone()
+    value = tensor.detach().to(device.device if isinstance(device, World) else device)
+    dense = value.clone(memory_format=torch.contiguous_format)  # a collective sends dense rows
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast(value, src=0)
-    return value
+        dist.broadcast(dense, src=0)
+    # laid out as the model's own (a w8a8 weight is column-major: `quant.int8.int_matmul`)
+    return dense if dense.stride() == value.stride() else torch.empty_like(value).copy_(dense)
 
 
 def _state_values(captured: CapturedGraph, state: dict, device: torch.device) -> dict[str, torch.Tensor]:

@@ -119,7 +119,8 @@ class QuantizedLinear(nn.Module):
     """y = x Ŵᵀ + b with Ŵ stored as packed integers; built by `from_linear`.
 
     Buffers (all in `state_dict`): `qweight`, int8 (out, in) for int8 and llm.int8, int8 (in, out)
-    for w8a8 (the layout `int_matmul` takes, so nothing is copied per call), uint8 (out, in/2) of
+    for w8a8 (the (out, in) integers transposed, column-major: the operand `int_matmul` takes
+    fastest, with nothing copied per call), uint8 (out, in/2) of
     two 4-bit values per byte for int4 and kmeans4; `scale`, (out,) per channel or (out, in/group)
     per group; `codebook`, (16,), for kmeans4; `bias`, float, frozen like the weight.
     """
@@ -155,7 +156,7 @@ class QuantizedLinear(nn.Module):
                          axis=0, scale_dtype=spec.scale_dtype)
             qweight, scale = q.data.reshape(out_features, -1), q.scale
             if spec.matmul == "w8a8":
-                qweight = qweight.t().contiguous()                                 # (in, out)
+                qweight = qweight.t()                                   # (in, out), column-major
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(in_features, out_features, scheme, qweight=qweight, scale=scale, codebook=codebook, bias=bias)
 

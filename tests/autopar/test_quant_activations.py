@@ -116,6 +116,22 @@ def test_int_matmul_is_exact():
         int_matmul(torch.zeros(2, 2, dtype=torch.int32), b[:2])
 
 
+def test_int_matmul_takes_a_column_major_operand_as_it_lies(monkeypatch):
+    """A weight kept as its (out, in) integers is passed transposed, column-major: `torch._int_mm`
+    gets it as it lies (several times faster than a row-major copy made per call); an operand that
+    is neither row- nor column-major is copied row-major."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randint(-128, 128, (3, 64), generator=gen, dtype=torch.int8)
+    w = torch.randint(-128, 128, (40, 64), generator=gen, dtype=torch.int8)       # (out, in)
+    seen, real = [], torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda x, y: seen.append(y.stride()) or real(x, y))
+    assert torch.equal(int_matmul(a, w.t()).long(), a.long() @ w.long().t())
+    assert seen == [(1, 64)]
+    wide = torch.randint(-128, 128, (64, 80), generator=gen, dtype=torch.int8)[:, ::2]  # strided: neither
+    assert torch.equal(int_matmul(a, wide).long(), a.long() @ wide.long())
+    assert seen[-1] == (40, 1)
+
+
 def test_vectorwise_int8_by_hand():
     # c_x = 1/127, q_x = (127, round(-38.1) = -38); c_w = 0.5/127, q_w = (127, round(50.8) = 51);
     # y = c_x c_w (127·127 − 38·51) = 0.5 · 14191 / 127², where float gives 0.44.

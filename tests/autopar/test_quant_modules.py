@@ -68,6 +68,8 @@ def test_output_error_follows_the_format():
 
 def test_integer_paths_add_activation_rounding_only():
     linear, x = _linear(), _inputs()
+    w8a8 = QuantizedLinear.from_linear(linear, "w8a8")
+    assert w8a8.qweight.shape == (IN, OUT) and w8a8.qweight.t().is_contiguous()  # the (out, in) integers, transposed
     weight_only = QuantizedLinear.from_linear(linear, "int8")
     w_noise = _rounding_noise(weight_only.scale, IN, linear.weight)
     x_noise = _rounding_noise(x.abs().amax(dim=1) / 127, IN, x)

@@ -23,6 +23,14 @@ def test_quantized_models_train_like_one_device(scheme, world, strategy, pools):
     assert any(key.endswith("qweight") for key in got["state"])  # the integers, not a float weight
 
 
+def test_rank_zeros_value_keeps_a_column_major_weight_column_major():
+    from autopar.compiler import _from_rank_zero
+
+    w = torch.arange(12, dtype=torch.int8).reshape(3, 4)
+    got = _from_rank_zero(w.t(), torch.device("cpu"))  # a w8a8 weight's layout (broadcast dense, then laid out)
+    assert torch.equal(got, w.t()) and got.stride() == (1, 4) and got.data_ptr() != w.data_ptr()
+
+
 def test_plans_hold_the_smaller_weights():
     entry = models.get("gpt3-125m")
     model = entry.build(device="meta")
