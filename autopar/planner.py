@@ -109,25 +109,9 @@ def plan_graph(captured: CapturedGraph, cluster: Cluster, *, model_name: str = "
     names = baselines.BASELINES if strategy == "auto" else (strategy,)
     meshes = meshes or _meshes(cluster, names if strategy != "auto" else None)
 
-    best: tuple[ShardingProblem, ShardingSolution] | None = None
-    comparisons, tried, floors, warnings = [], [], [], []
-    built = {}
-    for mesh in meshes:
-        problem = built[mesh.shape] = build_problem(captured, mesh, cluster, options)
-        warnings += [w for w in problem.warnings if w not in warnings]
-        found = _solve_baselines(problem, names, cluster, time_limit, comparisons)
-        if strategy == "auto":
-            warm = min(found, key=lambda s: s.step_time) if found else None
-            try:
-                found = [solve(problem, time_limit=time_limit, warm_start=warm.choice if warm else None)]
-            except InfeasibleError as e:
-                floors.append(e)
-                found = []
-        tried.append(MeshResult(shape=mesh.shape, step_time=min((s.step_time for s in found), default=None),
-                                note="" if found else "nothing fits"))
-        for solution in found:
-            if best is None or solution.step_time < best[1].step_time:
-                best = (problem, solution)
+    comparisons, tried, floors, warnings, built = [], [], [], [], {}
+    best = _on_meshes(captured, cluster, options, meshes, names, strategy, time_limit,
+                      comparisons=comparisons, tried=tried, floors=floors, warnings=warnings, built=built)
     if strategy == "auto" and (pipeline or (pipeline is None and best is None)):
         piped = _pipelined(captured, cluster, options, time_limit, model_name, problems=built)
         if piped is not None and (best is None or piped.cost.step_time < best[1].step_time):
@@ -149,6 +133,33 @@ def plan_graph(captured: CapturedGraph, cluster: Cluster, *, model_name: str = "
                 optimizer=optimizer, cluster=cluster, stages=(one,), schedule=Schedule(), cost=one.cost,
                 collectives=tuple(sorted(collectives, key=lambda c: -c.time * c.count)), search=report,
                 baselines=tuple(comparisons), warnings=tuple(warnings))
+
+
+def _on_meshes(captured: CapturedGraph, cluster: Cluster, options: ShardingOptions, meshes: list[LogicalMesh],
+               names: tuple[str, ...], strategy: str, time_limit: float, *, comparisons: list, tried: list,
+               floors: list, warnings: list, built: dict) -> tuple[ShardingProblem, ShardingSolution] | None:
+    """The fastest single-stage plan over `meshes`: per mesh the named baselines, then (strategy
+    "auto") the ILP warm-started from the best of them. Appends what it meets to the lists given:
+    the baselines' comparisons, each mesh's result, the infeasible floors, the problems' warnings,
+    and each mesh shape's problem to `built`."""
+    best: tuple[ShardingProblem, ShardingSolution] | None = None
+    for mesh in meshes:
+        problem = built[mesh.shape] = build_problem(captured, mesh, cluster, options)
+        warnings += [w for w in problem.warnings if w not in warnings]
+        found = _solve_baselines(problem, names, cluster, time_limit, comparisons)
+        if strategy == "auto":
+            warm = min(found, key=lambda s: s.step_time) if found else None
+            try:
+                found = [solve(problem, time_limit=time_limit, warm_start=warm.choice if warm else None)]
+            except InfeasibleError as e:
+                floors.append(e)
+                found = []
+        tried.append(MeshResult(shape=mesh.shape, step_time=min((s.step_time for s in found), default=None),
+                                note="" if found else "nothing fits"))
+        for solution in found:
+            if best is None or solution.step_time < best[1].step_time:
+                best = (problem, solution)
+    return best
 
 
 def check_cluster(cluster: object) -> None:
