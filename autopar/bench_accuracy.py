@@ -168,15 +168,12 @@ class Speed:
     SAMPLES = 3
 
     def __init__(self, profile, device: torch.device) -> None:
+        from autopar.cost.sampling import agree_calls
         from autopar.cost.timers import Reference
-        from autopar.runtime.timing import max_over_ranks
 
         self.reference = Reference(profile, device)
         self.device = device
-        samplers = [self.reference.matmul, self.reference.add]
-        calls = max_over_ranks([float(s.calls) for s in samplers], device)  # the same work on every rank
-        for sampler, agreed in zip(samplers, calls):
-            sampler.calls = int(agreed)
+        agree_calls([self.reference.matmul, self.reference.add], device)
 
     def measure(self) -> float:
         from autopar.cost.sampling import in_turns

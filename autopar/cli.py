@@ -333,7 +333,9 @@ def _add_bench(sub) -> None:
                                    "configuration, 8 to 1024 GPUs. "
                                    "`accuracy`: predicted against measured step time and memory of 16 plans on "
                                    "2 and 4 local ranks, profiled first, the plans of one world size taking their "
-                                   "rounds in turns (with --gpu: 8 plans on this machine's first GPU); each error against the median and the fastest round, and the "
+                                   "rounds in turns (with --gpu: 8 plans on this machine's first GPU); each error against the median and the fastest round, the "
+                                   "machine's speed during the rounds against its profile's (the reference matmul, timed "
+                                   "after each round) with the error at the profile's speed, and the "
                                    "CPU time the hypervisor took meanwhile (steal). "
                                    "`runtime`: step times of autopar's dp, fsdp, tp and auto plans against "
                                    "DistributedDataParallel, FSDP2 and parallelize_module on local gloo ranks.")

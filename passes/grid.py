@@ -26,6 +26,7 @@ from autopar.graph import CapturedGraph
 from autopar.vocab import LogicalMesh
 from autopar.passes import schedules
 from autopar.passes.baselines import predicate
+from autopar.passes.interop import first_buckets
 from autopar.passes.stage_costs import StageCosts
 from autopar.passes.sharding import ShardingOptions
 from autopar.passes.split import batch_statistics, layer_ranges
@@ -101,7 +102,7 @@ def _configuration(costs: StageCosts, dp: int, tp: int, pp: int, zero: int, batc
                      for f, (a, _), plans in zip(figures, ranges, chosen)]
             once = [f.once for f in figures]
             step = schedules.step_time("1f1b", times, m, once) if pp > 1 else m * times[0] + once[0]
-            step += max(f.latency for f in figures)  # the stages' first gradient buckets (`interop._first_buckets`)
+            step += first_buckets(figures)
             out.append(GridPoint(dp=dp, tp=tp, pp=pp, microbatches=m, zero=zero, checkpoint=ckpt, step_time=step,
                                  memory=memory))
     return out

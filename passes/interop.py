@@ -14,9 +14,10 @@ microbatches, the schedule, and activation checkpointing per stage.
    alive, with or without checkpointing at layer boundaries.
 3. The DP (after Alpa, Zheng et al. 2022, §5.2): for each bound t_max on the per-microbatch
    stage time, stages are placed front to back over the blocks [a, b) and submeshes, stage times
-   above t_max excluded, keeping per (next block, devices used) every partial split not beaten on
-   both Σ t and the tail of the once-per-step work (each stage's gradient synchronization and
-   optimizer step, less the backward that follows it); the step is
+   above t_max excluded, keeping per (next block, devices used) every partial split that no other
+   beats however it goes on, judged on Σ t and the tail of the once-per-step work (each stage's
+   gradient synchronization and optimizer step, less the backward that follows it; `_undominated`);
+   the step is
    T = m·max t + c·(Σ t - max t) + that tail (`passes.schedules`), plus the largest stage's first
    gradient bucket latency. Alpa's own DP keeps only the least Σ t, which misses the tail. Outer
    loops: schedule and microbatch count (divisors of the batch that the stages' data-parallel
@@ -105,13 +106,13 @@ def search(costs: StageCosts, submesh_list: list[_Submesh], *, schedules_: tuple
                     continue
                 found = _dp(costs, submesh_list, kind, m, p, total, best.step_time if best else math.inf)
                 if found is not None:  # and each stage's first gradient bucket, after its last backward
-                    found = dataclasses.replace(found, step_time=found.step_time + _first_buckets(found.stages))
+                    found = dataclasses.replace(found, step_time=found.step_time + first_buckets(found.stages))
                 if found is not None and (best is None or found.step_time < best.step_time):
                     best = found
     return best
 
 
-def _first_buckets(stages) -> float:
+def first_buckets(stages) -> float:
     """What a split adds for its stages' first gradient buckets: each stage pays its own after its
     last backward, and the stages' ends overlap, so the step waits for the largest."""
     return max((s.latency for s in stages), default=0.0)

@@ -25,6 +25,7 @@ from torch.utils import _pytree as pytree
 
 from autopar.graph import CapturedGraph
 from autopar.plan import NodePlan, Stage
+from autopar.passes.edges import bucketed_axes
 from autopar.passes.reshard import moves
 from autopar.passes.rules import tensor_args
 from autopar.passes.strategies import NodeSharding, grads_of, normalized
@@ -273,15 +274,14 @@ class _Builder:
         # a direct use elsewhere (the embedding of a head tied to its bf16 copy) has its gradient made
         # whole in backward already, and the bucketed all-reduce that deferring implies would count
         # it once per rank
-        params = deferrable(self.captured, self.roles, arg)
-        _, path = upstream(arg, self.roles)
-        holders = [self.holders.get(self.roles.params[p]) for p in params]
-        if not axes or not holders or any(h is None or h.plan.level != 0 for h in holders):
+        # and they must be DDP-level and used whole on those axes (`passes.edges.bucketed_axes`, as priced)
+        holders = [self.holders.get(self.roles.params[p]) for p in deferrable(self.captured, self.roles, arg)]
+        if not axes or not set(axes) <= bucketed_axes([h.plan if h is not None else None for h in holders]):
             return grad_out
         # partial sums pass through backward locally only where every value on the way is whole
-        if any(not isinstance(h.plan.use[a], Replicate) for h in holders for a in axes) or any(
-                n not in self.stage.nodes or not isinstance(self.stage.nodes[n].outputs[0][a], Replicate)
-                for n in path for a in axes):
+        _, path = upstream(arg, self.roles)
+        if any(n not in self.stage.nodes or not isinstance(self.stage.nodes[n].outputs[0][a], Replicate)
+               for n in path for a in axes):
             return grad_out
         for user in arg.users:
             plan = self.stage.nodes.get(user.name)

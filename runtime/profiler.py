@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from autopar.cost.profile import MatmulRate, Profile, calibrated
-from autopar.cost.sampling import Sampler, in_turns
+from autopar.cost.sampling import Sampler, agree_calls, in_turns
 from autopar.errors import AutoparError
 from autopar.progress import Bar
 from autopar.runtime.launch import CPU_ONLY, add_device_argument, check_local_ranks
@@ -132,9 +132,7 @@ def measure_matmul(settings: Settings, device: torch.device, dtypes: list[str],
             if following is not None and once * (following / s) ** 3 > settings.matmul_budget:
                 progress.advance(f"matmul {dtype}: larger sides skipped", by=len(settings.sides) - i - 1)
                 break
-    calls = max_over_ranks([float(s.calls) for s in samplers], device)  # the same work on every rank
-    for sampler, agreed in zip(samplers, calls):
-        sampler.calls = int(agreed)
+    agree_calls(samplers, device)
     for r in range(settings.repeats):
         progress.advance(f"matmul round {r + 1}/{settings.repeats}")
         if dist.is_initialized():

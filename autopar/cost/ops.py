@@ -263,9 +263,8 @@ class _Fixed:
         tiny, g = self.reference.tiny, self.reference.g
         self.elements, self.beside = (_GPU_ELEMENTS, True) if device.type == "cuda" else (_ELEMENTS, False)
         self.large = Sampler(_optimizer_step(optimizer, device, [self.elements]), device, SAMPLE)
-        tiny_ones = [64] * _TENSORS
-        self.small = Sampler(_optimizer_step(optimizer, device, [self.elements] * self.beside + tiny_ones), device,
-                             SAMPLE)
+        sizes = ([self.elements] if self.beside else []) + [64] * _TENSORS
+        self.small = Sampler(_optimizer_step(optimizer, device, sizes), device, SAMPLE)
         through = _reshard_node(device)
         half = g[:32]
         self.reshard_both = Sampler(lambda: torch.autograd.grad(through(tiny).mul(2), tiny, half), device, SAMPLE)

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from autopar.runtime.timing import seconds_per_call
+from autopar.runtime.timing import max_over_ranks, seconds_per_call
 
 
 def trimmed_mean(values: Sequence[float], share: float = 0.1) -> float:
@@ -64,3 +64,11 @@ def in_turns(samplers: Sequence[Sampler], rounds: int, *, deadline: float | None
         if deadline is not None and now + (now - began) / done > deadline:
             break
     return done
+
+
+def agree_calls(samplers: Sequence[Sampler], device: torch.device) -> None:
+    """Every rank's samplers time the same number of calls per sample, the most any rank chose, so
+    that ranks started together do the same work (a collective: every rank calls it)."""
+    calls = max_over_ranks([float(s.calls) for s in samplers], device)
+    for sampler, agreed in zip(samplers, calls):
+        sampler.calls = int(agreed)

@@ -18,8 +18,8 @@ For y = x Wᵀ with x (tokens, in) and W (out, in), as `torch.nn.functional.line
 arithmetic: int64 on CPU, float64 on other devices, whose 53-bit mantissa holds every partial sum
 exactly. The right operand is passed as it lies when it is row- or column-major: a weight kept as
 its (out, in) integers and passed transposed is column-major, which `torch._int_mm` runs 5× faster
-than row-major on an H100 (512 × 4096 → 4096: 27 µs against 147) and on a CPU core at one token
-(0.42 ms against 2.1), and as fast elsewhere.
+than row-major on an H100 (512 × 4096 → 4096: 27 µs against 147) and on 2 CPU threads at one
+token (0.42 ms against 2.1), and as fast elsewhere.
 
     >>> y = int8_matmul(x, linear.weight, threshold=6.0)      # ≈ linear(x) without the bias
 """
