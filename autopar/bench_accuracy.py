@@ -311,3 +311,40 @@ def gpu_accuracy_benchmark(cluster: str, cases=GPU_CASES, rounds: int = 5, progr
     return rows
 
 
+def command(args) -> str:
+    """`autopar bench accuracy`: profiles 2 and 4 local ranks (or one GPU with --gpu; or reads the
+    --cluster files), runs the cases, prints the table and returns it."""
+    import tempfile
+
+    from autopar import accuracy_report, bench
+    from autopar.cluster import Cluster
+    from autopar.runtime import profiler
+
+    if args.gpu:
+        require_gpu()  # before profiling anything
+    clusters = {}
+    for world in (1,) if args.gpu else (2, 4):
+        given = getattr(args, f"cluster{world}")
+        if given:
+            clusters[world] = Cluster.load(given).to_json()
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            path = f"{tmp}/cluster{world}.json"
+            profiler.spawn(world, path, quick=args.quick)
+            clusters[world] = Cluster.load(path).to_json()
+    before = bench.cpu_times()
+    if args.gpu:
+        import torch
+
+        rows = gpu_accuracy_benchmark(clusters[1], rounds=args.rounds)
+        where = f"one {torch.cuda.get_device_name(0)} over NCCL (world size 1)"
+    else:
+        rows = accuracy_benchmark(clusters, rounds=args.rounds)
+        where = "local gloo ranks (one thread each)"
+    table = accuracy_report.accuracy_table(rows)
+    steal = bench.stolen(before, bench.cpu_times())
+    print(f"predicted against measured, AdamW training steps on {where} with the cluster `autopar profile` "
+          f"measured for that many ranks; {bench.machine()}"
+          + (f"; CPU time taken by the hypervisor during the steps (steal): {steal:.1%}" if steal is not None else "")
+          + f"\n\n{table}")
+    return table

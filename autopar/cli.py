@@ -156,7 +156,9 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"median seconds per training step (AdamW), {args.rounds} rounds of {args.steps} steps, "
               f"local gloo ranks; {bench.machine()}\n\n{table}")
     elif args.suite == "accuracy":
-        table = _accuracy(args)
+        from autopar import bench_accuracy
+
+        table = bench_accuracy.command(args)
     elif args.suite == "quant":
         from autopar import bench_quant
 
@@ -174,43 +176,6 @@ def _bench(args: argparse.Namespace) -> int:
         with open(args.out, "a") as f:
             f.write(table + "\n")
     return 0
-
-
-def _accuracy(args: argparse.Namespace) -> str:
-    """Profiles 2 and 4 local ranks (or reads --cluster files), then runs the accuracy cases."""
-    import tempfile
-
-    from autopar import accuracy_report, bench, bench_accuracy
-    from autopar.runtime import profiler
-
-    if args.gpu:
-        bench_accuracy.require_gpu()  # before profiling anything
-    clusters = {}
-    for world in (1,) if args.gpu else (2, 4):
-        given = getattr(args, f"cluster{world}")
-        if given:
-            clusters[world] = Cluster.load(given).to_json()
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            path = f"{tmp}/cluster{world}.json"
-            profiler.spawn(world, path, quick=args.quick)
-            clusters[world] = Cluster.load(path).to_json()
-    before = bench.cpu_times()
-    if args.gpu:
-        import torch
-
-        rows = bench_accuracy.gpu_accuracy_benchmark(clusters[1], rounds=args.rounds)
-        where = f"one {torch.cuda.get_device_name(0)} over NCCL (world size 1)"
-    else:
-        rows = bench_accuracy.accuracy_benchmark(clusters, rounds=args.rounds)
-        where = "local gloo ranks (one thread each)"
-    table = accuracy_report.accuracy_table(rows)
-    steal = bench.stolen(before, bench.cpu_times())
-    print(f"predicted against measured, AdamW training steps on {where} with the cluster `autopar profile` "
-          f"measured for that many ranks; {bench.machine()}"
-          + (f"; CPU time taken by the hypervisor during the steps (steal): {steal:.1%}" if steal is not None else "")
-          + f"\n\n{table}")
-    return table
 
 
 def _demo(args: argparse.Namespace) -> int:
