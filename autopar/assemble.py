@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 
+from autopar.cost.memory import optimizer_workspace
 from autopar.graph import CapturedGraph
 from autopar.plan import CollectiveRecord, Cost, NodePlan, ParamPlan, Stage
 from autopar.vocab import R, shard_count
@@ -89,8 +90,9 @@ def stage(problem: ShardingProblem, solution: ShardingSolution, *, index: int = 
     model_flops = ctx.captured.flops + ctx.captured.backward_flops
     step_time = solution.step_time
     workspace = backward_workspace(ctx.captured, nodes, problem.mesh.shape)
+    stepping = solution.memory - totals["activations"] + step_workspace(problem, params)
     cost = Cost(step_time=step_time, compute=totals["compute"], communication=totals["comm"] + edge_time + buckets,
-                optimizer=totals["optimizer"], peak_memory=solution.memory + workspace,
+                optimizer=totals["optimizer"], peak_memory=max(solution.memory + workspace, stepping),
                 activations=totals["activations"] + workspace,
                 parameter_state=totals["state"], fixed=totals["fixed"],
                 mfu=model_flops / step_time / (devices * problem.cluster.device.peak(dtype)) if step_time else 0.0)
@@ -107,8 +109,9 @@ def backward_workspace(captured: CapturedGraph, nodes: dict[str, NodePlan], mesh
 
         peak = training state + saved activations + max over ops (grad of output + grads of inputs)
 
-    (measured so on local ranks with `runtime.memory.LiveMemory`: `autopar bench accuracy`). The
-    sharding ILP leaves this term to its workspace margin (`ShardingOptions.workspace`)."""
+    (measured so on local ranks with `runtime.memory.LiveMemory`: `autopar bench accuracy`), unless
+    the optimizer's step holds more (`step_workspace`: a model whose activations are small). The
+    sharding ILP leaves both terms to its workspace margin (`ShardingOptions.workspace`)."""
     most = 0.0
     for name, plan in nodes.items():
         info = captured.nodes.get(name)
@@ -121,6 +124,15 @@ def backward_workspace(captured: CapturedGraph, nodes: dict[str, NodePlan], mesh
                 held += producer.output.nbytes / shard_count(plan.inputs[j], mesh_shape)
         most = max(most, held)
     return most
+
+
+def step_workspace(problem: ShardingProblem, params: dict[str, ParamPlan]) -> float:
+    """The optimizer step's temporaries on one device (`cost.memory.optimizer_workspace`): the
+    leaves are the parameters' stored shards, those that train."""
+    captured, shape = problem.captured, problem.mesh.shape
+    leaves = (captured.params[name].meta.numel / shard_count(plan.storage, shape) for name, plan in params.items()
+              if captured.params[name].requires_grad)
+    return optimizer_workspace(leaves, problem.options.optimizer, problem.cluster.backend)
 
 
 def _collectives(problem: ShardingProblem, solution: ShardingSolution, nodes: dict[str, NodePlan],

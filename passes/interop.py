@@ -36,7 +36,7 @@ import functools
 import math
 from dataclasses import dataclass
 
-from autopar.assemble import borrowed, placements
+from autopar.assemble import borrowed, placements, step_workspace
 from autopar.graph import CapturedGraph
 from autopar.plan import Cost, Stage
 from autopar.vocab import LogicalMesh
@@ -264,7 +264,8 @@ def _chunk(result: PipelinePlan, costs: StageCosts, j: int, g: int, layers: tupl
     flops = sum(costs.captured.nodes[n].flops + costs.captured.nodes[n].backward_flops for n in nodes)
     once = sum(scale[p] * plan.once for p, plan in choice_.plans) * share
     cost = Cost(step_time=busy, compute=compute, communication=max(busy - compute - once, 0.0), optimizer=once,
-                peak_memory=choice_.memory, activations=choice_.memory - state, parameter_state=state, fixed=fixed,
+                peak_memory=max(choice_.memory, state + step_workspace(parts.problem, params)),
+                activations=choice_.memory - state, parameter_state=state, fixed=fixed,
                 mfu=flops / result.step_time / (choice_.devices * device.peak(dtype)))
     return Stage(index=j, layers=layers, mesh=LogicalMesh.build(costs.cluster, choice_.mesh_shape, first),
                  nodes=nodes, params=params, cost=cost, checkpoint=choice_.checkpoint,

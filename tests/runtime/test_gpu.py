@@ -34,3 +34,24 @@ def test_nccl_world_of_one_trains_like_plain_pytorch():
             torch.testing.assert_close(loss, expected.detach(), rtol=1e-4, atol=1e-5)
     finally:
         dist.destroy_process_group()
+
+
+def test_adamw_on_cuda_allocates_the_foreach_workspace():
+    """On CUDA tensors torch's AdamW defaults to foreach kernels: its step holds sqrt(v) of every
+    parameter at once (`cost.memory.optimizer_workspace`, the NCCL figure)."""
+    from autopar.cost.memory import optimizer_workspace
+
+    params = [torch.nn.Parameter(torch.randn(1024, 1024, device="cuda")),
+              torch.nn.Parameter(torch.randn(4096, device="cuda"))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    step = torch.optim.AdamW(params)
+    step.step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    step.step()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - start
+    predicted = optimizer_workspace([p.numel() for p in params], "adamw", "nccl")
+    assert predicted <= extra <= predicted + 64 * 1024  # the allocator rounds each block up to 512 B
