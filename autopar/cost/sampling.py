@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from autopar.runtime.timing import max_over_ranks, seconds_per_call
+from autopar.runtime.timing import max_over_ranks, seconds_per_call, sync
 
 
 def trimmed_mean(values: Sequence[float], share: float = 0.1) -> float:
@@ -37,11 +37,17 @@ def trimmed_mean(values: Sequence[float], share: float = 0.1) -> float:
 
 class Sampler:
     """One call timed in turns with others: `sample()` times `calls` calls in a row, enough to last
-    `least` seconds (from one first call, made here: a call that fails raises here), and
-    `seconds()` is the trimmed mean of the samples so far."""
+    `least` seconds, and `seconds()` is the trimmed mean of the samples so far. The count is set
+    from a second call, timed after a first that is not (made here: a call that fails raises
+    here): a first call loads its kernels. On an H100 the first tiny multiplication of a process
+    took milliseconds, its sampler timed 2 calls per sample, each read 141 µs against 20 µs, and
+    the `torch.autograd.grad` cost taken from it (`timers.Reference.grad_call`) read 0: the first
+    plan of a process priced GPT-3 111M at 81.8 ms, the next ones at 27.8 ms."""
 
     def __init__(self, fn: Callable[[], object], device: torch.device, least: float = 0.005):
         self.fn, self.device = fn, device
+        self.first = first_call(fn, device)
+        """Seconds the untimed first call took (loading kernels is not the call's time)."""
         self.calls = max(1, math.ceil(least / max(seconds_per_call(fn, device, 1), 1e-9)))
         self.samples: list[float] = []
 
@@ -50,6 +56,14 @@ class Sampler:
 
     def seconds(self) -> float:
         return trimmed_mean(self.samples)
+
+
+def first_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Call `fn` once, to the device's end; the seconds it took."""
+    begin = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - begin
 
 
 def in_turns(samplers: Sequence[Sampler], rounds: int, *, deadline: float | None = None) -> int:

@@ -11,10 +11,13 @@ import math
 import torch
 from torch.utils import _pytree as pytree
 
-from autopar.cost.sampling import Sampler, in_turns
+from autopar.cost.sampling import Sampler, first_call, in_turns
+from autopar.runtime.timing import seconds_per_call
 
-SAMPLE = 0.005
-"""Least seconds of one timed sample."""
+SAMPLE = 0.0025
+"""Least seconds of one timed sample. (Samples counted their calls from a cold first call until
+`Sampler` took a second one: at 5 ms they then lasted 2.3 ms on average on a CPU, and this keeps
+that, and the planner's time.)"""
 ROUNDS = 7
 """Samples of every timing, one per round (`cost.sampling.in_turns`)."""
 ROTATE = 8 * 2 ** 20
@@ -70,22 +73,24 @@ def strides_in_order(stride: tuple[int, ...], shape: tuple[int, ...]) -> tuple[i
 
 
 class NodeTimer:
-    """A node's samplers: its forward, and its forward with its `torch.autograd.grad` (None when the
-    step computes no gradient through it)."""
+    """A node's samplers: its forward, and the forwards of `together` copies with one
+    `torch.autograd.grad` through them all (None when the step computes no gradient through it)."""
 
-    def __init__(self, forward: Sampler, both: Sampler | None):
-        self.forward, self.both = forward, both
+    def __init__(self, forward: Sampler, both: Sampler | None, together: int = 1, warm: float = 0.0):
+        self.forward, self.both, self.together = forward, both, together
+        self.setup = warm + sum(s.first for s in self.samplers)
+        """Seconds its first calls took (`Sampler.first`), which no round pays again."""
 
     @property
     def samplers(self) -> list[Sampler]:
         return [self.forward] + ([self.both] if self.both is not None else [])
 
     def seconds(self, grad_call: float) -> tuple[float, float]:
-        """(forward, backward): backward = both − forward − `grad_call`, at least 0."""
+        """(forward, backward): backward = (both − `grad_call`) / together − forward, at least 0."""
         forward = self.forward.seconds()
         if self.both is None:
             return forward, 0.0
-        return forward, max(self.both.seconds() - forward - grad_call, 0.0)
+        return forward, max((self.both.seconds() - grad_call) / self.together - forward, 0.0)
 
 
 def node_timer(node: torch.fx.Node, requires_grad: bool, device: torch.device,
@@ -98,7 +103,14 @@ def node_timer(node: torch.fx.Node, requires_grad: bool, device: torch.device,
 
     Calls take turns over several copies of the inputs, `ROTATE` bytes in all: in a step an op
     reads what other ops wrote a while before, from the shared cache or memory, not what it read a
-    moment ago from its core's own cache.
+    moment ago from its core's own cache. The backward's call runs the op k times, on the copies in
+    turn (and again on them as new leaves on the same memory, `_aliased`), k as many as fit in one
+    sample's `SAMPLE` seconds, up to `COPIES`, and one `torch.autograd.grad` through them all, as
+    a step's one backward call runs many nodes: what the call itself costs (`Reference.grad_call`,
+    on an H100 about 130 µs, the engine handing the work to its device thread, against 5–50 µs of
+    a small node's own backward) is taken off once for all k, so that its noise lands on each node
+    divided by k (one call per run: a 111M-parameter GPT's summed backward read 18.9 and 34.2 ms
+    in two plans a second apart).
 
     `half`: every input whose leading dim is the output's (an even one) gets half of it, as a
     split of the batch makes it; None when the output has no such dim or the op fails so.
@@ -142,17 +154,38 @@ def node_timer(node: torch.fx.Node, requires_grad: bool, device: torch.device,
         if not outputs:
             return NodeTimer(forward, None)
         grads = [torch.randn_like(t) for t in outputs]
-        pairs = itertools.cycle(list(zip(copies, floating)))
+        pairs = list(zip(copies, floating))
+        while len(pairs) < COPIES:  # more uses of the same inputs, as leaves of their own
+            pairs.append(_aliased(copies[len(pairs) % len(copies)]))
 
-        def both() -> None:
-            (args, kwargs), leaves = next(pairs)
-            made = [t for t in pytree.tree_leaves(op(*args, **kwargs))
-                    if isinstance(t, torch.Tensor) and t.requires_grad]
-            torch.autograd.grad(made, leaves, grads, allow_unused=True)
+        def both(together: int) -> None:
+            made, wrt = [], []
+            for (args, kwargs), leaves in pairs[:together]:
+                made += [t for t in pytree.tree_leaves(op(*args, **kwargs))
+                         if isinstance(t, torch.Tensor) and t.requires_grad]
+                wrt += leaves
+            torch.autograd.grad(made, wrt, grads * together, allow_unused=True)
 
-        return NodeTimer(forward, Sampler(both, device, SAMPLE))
+        warm = first_call(lambda: both(1), device)  # loads the backward's kernels
+        one = seconds_per_call(lambda: both(1), device, 1)
+        together = max(1, min(len(pairs), int(SAMPLE / max(one, 1e-9))))
+        return NodeTimer(forward, Sampler(lambda: both(together), device, SAMPLE), together=together, warm=warm)
     except (RuntimeError, ValueError, TypeError, IndexError):
         return None
+
+
+def _aliased(inputs) -> tuple:
+    """(`inputs` with each tensor that requires grad replaced by a new leaf on the same memory,
+    those leaves): the op run on them is a graph of its own, whose gradients are not summed with
+    another use's."""
+    flat, spec = pytree.tree_flatten(inputs)
+    fresh: dict[int, torch.Tensor] = {}
+    for t in flat:
+        if isinstance(t, torch.Tensor) and t.requires_grad and id(t) not in fresh:
+            fresh[id(t)] = t.detach().requires_grad_(True)
+    swapped = [fresh.get(id(t), t) if isinstance(t, torch.Tensor) else t for t in flat]
+    return pytree.tree_unflatten(swapped, spec), [fresh[id(t)] for t in flat
+                                                   if isinstance(t, torch.Tensor) and id(t) in fresh]
 
 
 def kernel_timer(node: torch.fx.Node, sharding, mesh_shape: tuple[int, ...], shapes, requires_grad: bool,
