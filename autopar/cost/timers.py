@@ -233,9 +233,10 @@ def time_node(node: torch.fx.Node, requires_grad: bool, device: torch.device, gr
 class Reference:
     """The reference matmul and add whose rates here, against the profile's, scale every timing
     (`scales`, the module docstring's r_here / r_profiled), and one `torch.autograd.grad` call's
-    fixed cost: both − 2 · forward of x·2, x of 64 elements (`grad_call`)."""
+    fixed cost: both − 2 · forward of x·2, x of 64 elements (`grad_call`). `least`: seconds of
+    one sample of the matmul and the add."""
 
-    def __init__(self, profile, device: torch.device):
+    def __init__(self, profile, device: torch.device, least: float = SAMPLE):
         fp32 = [r for r in profile.matmul if r.dtype == "fp32"]
         if device.type == "cuda":
             self.side, elements = max(fp32, key=lambda r: r.flops), 2 ** 26
@@ -246,8 +247,8 @@ class Reference:
         b = torch.randn(self.side.k, self.side.n, device=device)
         x, y, z = (torch.ones(elements, device=device) for _ in range(3))
         self.added = 3 * x.numel() * 4
-        self.matmul = Sampler(lambda: torch.mm(a, b), device, SAMPLE)
-        self.add = Sampler(lambda: torch.add(x, y, out=z), device, SAMPLE)
+        self.matmul = Sampler(lambda: torch.mm(a, b), device, least)
+        self.add = Sampler(lambda: torch.add(x, y, out=z), device, least)
         self.tiny, self.g = torch.randn(64, device=device, requires_grad=True), torch.randn(64, device=device)
         self.mul = Sampler(lambda: self.tiny.mul(2), device, SAMPLE)
         self.mul_both = Sampler(lambda: torch.autograd.grad(self.tiny.mul(2), self.tiny, self.g), device, SAMPLE)
