@@ -153,25 +153,32 @@ def node_timer(node: torch.fx.Node, requires_grad: bool, device: torch.device,
         outputs = [t for t in pytree.tree_leaves(run()) if isinstance(t, torch.Tensor) and t.requires_grad]
         if not outputs:
             return NodeTimer(forward, None)
-        grads = [torch.randn_like(t) for t in outputs]
-        pairs = list(zip(copies, floating))
-        while len(pairs) < COPIES:  # more uses of the same inputs, as leaves of their own
-            pairs.append(_aliased(copies[len(pairs) % len(copies)]))
-
-        def both(together: int) -> None:
-            made, wrt = [], []
-            for (args, kwargs), leaves in pairs[:together]:
-                made += [t for t in pytree.tree_leaves(op(*args, **kwargs))
-                         if isinstance(t, torch.Tensor) and t.requires_grad]
-                wrt += leaves
-            torch.autograd.grad(made, wrt, grads * together, allow_unused=True)
-
-        warm = first_call(lambda: both(1), device)  # loads the backward's kernels
-        one = seconds_per_call(lambda: both(1), device, 1)
-        together = max(1, min(len(pairs), int(SAMPLE / max(one, 1e-9))))
-        return NodeTimer(forward, Sampler(lambda: both(together), device, SAMPLE), together=together, warm=warm)
+        return _with_backward(op, forward, list(zip(copies, floating)), [torch.randn_like(t) for t in outputs],
+                              device)
     except (RuntimeError, ValueError, TypeError, IndexError):
         return None
+
+
+def _with_backward(op, forward: Sampler, pairs: list, grads: list, device: torch.device) -> NodeTimer:
+    """`forward` and the backward's sampler: k runs of `op` on the (inputs, leaves) `pairs` in turn,
+    aliased again up to `COPIES` (`_aliased`), and one `torch.autograd.grad` of them all with the
+    output gradients `grads` (`node_timer`)."""
+    copies = len(pairs)
+    while len(pairs) < COPIES:  # more uses of the same inputs, as leaves of their own
+        pairs.append(_aliased(pairs[len(pairs) % copies][0]))
+
+    def both(together: int) -> None:
+        made, wrt = [], []
+        for (args, kwargs), leaves in pairs[:together]:
+            made += [t for t in pytree.tree_leaves(op(*args, **kwargs))
+                     if isinstance(t, torch.Tensor) and t.requires_grad]
+            wrt += leaves
+        torch.autograd.grad(made, wrt, grads * together, allow_unused=True)
+
+    warm = first_call(lambda: both(1), device)  # loads the backward's kernels
+    one = seconds_per_call(lambda: both(1), device, 1)
+    together = max(1, min(len(pairs), int(SAMPLE / max(one, 1e-9))))
+    return NodeTimer(forward, Sampler(lambda: both(together), device, SAMPLE), together=together, warm=warm)
 
 
 def _aliased(inputs) -> tuple:
