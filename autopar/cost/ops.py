@@ -15,7 +15,9 @@ of them beyond a core's cache (`timers.node_timer`); views too, for their dispat
 each mean a trimmed mean of `timers.ROUNDS` samples taken in turns: every round samples every distinct
 node once, with the reference kernels and fixed costs below (`cost.sampling`), so that the nodes
 and the rates that scale them see the same machine, and a drift of its speed over seconds lands
-on one sample of many nodes rather than on every sample of a few.
+on one sample of many nodes rather than on every sample of a few. On a GPU one round comes first
+whose samples are dropped (`in_turns`'s `warm`): without it the first plan of a process on an
+H100 read 46.4 ms where the next read 33.9 (GPT-3 111M bf16, batch 2); with it 39.0, 40.6, 34.8.
 g is what one `torch.autograd.grad` call costs whatever it differentiates (the engine's start; on
 a GPU also its hand-off to the device's thread), timed on x·2 of 64 elements as its both − 2 ·
 forward. A training step pays it once, not once per node; k is as many runs of the op as one
@@ -176,7 +178,8 @@ def shard_times(captured: CapturedGraph, profile, shards: dict[str, set[tuple]],
     live = [t for t in pending.values() if t is not None]
     if live:
         reference = Reference(profile, device)
-        in_turns(reference.samplers + [s for t in live for s in t.samplers], ROUNDS, deadline=spent.deadline())
+        in_turns(reference.samplers + [s for t in live for s in t.samplers], ROUNDS, deadline=spent.deadline(),
+                 warm=device.type == "cuda")
         matmul_scale, memory_scale = reference.scales()
         grad_call = reference.grad_call()
     for key, timer in pending.items():
@@ -229,7 +232,8 @@ def _measure(captured: CapturedGraph, profile, optimizer: str, budget: float) ->
         if timers[key] is not None:
             key_of[node.name] = key
     live = [t for t in [*timers.values(), *halves.values()] if t is not None]
-    in_turns(fixed.samplers + [s for t in live for s in t.samplers], ROUNDS, deadline=spent.deadline())
+    in_turns(fixed.samplers + [s for t in live for s in t.samplers], ROUNDS, deadline=spent.deadline(),
+             warm=device.type == "cuda")
     matmul_scale, memory_scale = fixed.scales()
     grad_call = fixed.grad_call()
     out, fixed_parts = {}, {}

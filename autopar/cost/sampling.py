@@ -66,9 +66,14 @@ def first_call(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - begin
 
 
-def in_turns(samplers: Sequence[Sampler], rounds: int, *, deadline: float | None = None) -> int:
+def in_turns(samplers: Sequence[Sampler], rounds: int, *, deadline: float | None = None, warm: bool = False) -> int:
     """Samples every sampler once per round, for `rounds` rounds or until a round would end after
-    `deadline` (time.perf_counter), whichever is first (always one round); returns the rounds run."""
+    `deadline` (time.perf_counter), whichever is first (always one round); returns the rounds run.
+    `warm`: one round first whose samples are dropped."""
+    if warm:
+        for sampler in samplers:
+            sampler.sample()
+            sampler.samples.pop()
     done, began = 0, time.perf_counter()
     while done < rounds:
         for sampler in samplers:

@@ -117,7 +117,7 @@ def test_nodes_and_references_are_sampled_in_turns(monkeypatch):
     assert sampling.in_turns([named("a"), named("b")], 4, deadline=0.0) == 1 and order == ["a", "b"]
 
     seen = []
-    monkeypatch.setattr(ops, "in_turns", lambda samplers, rounds, deadline: seen.append((samplers, rounds)))
+    monkeypatch.setattr(ops, "in_turns", lambda samplers, rounds, deadline, warm: seen.append((samplers, rounds)))
     monkeypatch.setattr(ops, "_Fixed", FixedReference)
     FixedReference.samplers = ["reference"]
     monkeypatch.setattr(ops, "node_timer", lambda node, grad, device, wanted, half=False: FixedTimer(1e-3, 0.0) if
@@ -155,6 +155,16 @@ def test_a_sampler_counts_its_calls_from_a_warm_call():
     assert sampler.first >= 0.05 and sampler.calls > 10
     sampling.in_turns([sampler], 3)
     assert sampler.seconds() < 1e-3
+
+
+def test_a_warm_round_is_dropped():
+    """On a GPU the nodes' rounds start with one whose samples are dropped: the first plan of a
+    process on an H100 read 46.4 ms against 33.9 for the next without it."""
+    calls = []
+    sampler = sampling.Sampler(lambda: calls.append(1), torch.device("cpu"), least=0.0)
+    before = len(calls)
+    assert sampling.in_turns([sampler], 3, warm=True) == 3
+    assert len(sampler.samples) == 3 and len(calls) - before == 4 * sampler.calls
 
 
 def test_one_grad_call_runs_several_small_nodes_and_pays_its_start_once():
