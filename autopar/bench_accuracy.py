@@ -170,14 +170,13 @@ class Speed:
     def __init__(self, profile, device: torch.device) -> None:
         from autopar.cost.sampling import agree_calls
         from autopar.cost.timers import Reference
-
         from autopar.runtime.profiler import Settings
 
         # samples as long as the profile's: ranks sharing cores are time-sliced, and a short sample
         # reads another share of the core (2.5 ms samples read 2 and 4 ranks at ×0.81 and ×0.67 of
         # a profile whose plans they predicted within 0.6–13% on 4 ranks)
-        least = max(Settings.make(quick=False, cuda=device.type == "cuda").sample, 1e-3)
-        self.reference = Reference(profile, device, least)
+        settings = Settings.make(quick=False, cuda=device.type == "cuda")
+        self.reference = Reference(profile, device, settings.matmul_sample)
         self.device = device
         agree_calls([self.reference.matmul, self.reference.add], device)
 

@@ -82,6 +82,11 @@ class Settings:
     by the OS in slices of milliseconds: a shorter sample may run alone on a core and miss the
     sharing that a training step sees."""
 
+    @property
+    def matmul_sample(self) -> float:
+        """Least seconds of one sample of a matmul: `sample`, and at least 1 ms."""
+        return max(self.sample, 1e-3)
+
     @classmethod
     def make(cls, *, quick: bool, cuda: bool) -> Settings:
         if quick:
@@ -126,7 +131,7 @@ def measure_matmul(settings: Settings, device: torch.device, dtypes: list[str],
             call = _matmul(a, b, dtype, device)
             call()  # the first call sets the kernel up
             once = max_over_ranks([seconds_per_call(call, device, 1)], device)[0]
-            samplers.append(Sampler(call, device, max(settings.sample, 1e-3)))
+            samplers.append(Sampler(call, device, settings.matmul_sample))
             shapes.append((dtype, s))
             following = settings.sides[i + 1] if i + 1 < len(settings.sides) else None
             if following is not None and once * (following / s) ** 3 > settings.matmul_budget:

@@ -73,7 +73,8 @@ from dataclasses import dataclass, field
 import torch
 
 from autopar.cost.sampling import Sampler, in_turns
-from autopar.cost.timers import ROUNDS, SAMPLE, NodeTimer, Reference, kernel_timer, leading, node_timer, nodes_of, op_key
+from autopar.cost.timers import (ROUNDS, SAMPLE, NodeTimer, Reference, kernel_timer, leading, node_timer, nodes_of,
+                                 op_key)
 from autopar.graph import CapturedGraph
 
 _LARGEST = 256 * 2 ** 20
@@ -208,7 +209,6 @@ def _gradients(node: torch.fx.Node, differentiable: set[str]) -> tuple[tuple[boo
 def _measure(captured: CapturedGraph, profile, optimizer: str, budget: float) -> OpTimes:
     from autopar.passes.units import roles
 
-    start = time.perf_counter()
     spent = _Budget(budget)
     ignored = roles(captured).ignored
     differentiable = _differentiable(captured)
@@ -246,7 +246,8 @@ def _measure(captured: CapturedGraph, profile, optimizer: str, budget: float) ->
             fixed_parts[name] = tuple(min(max(2 * h - t, 0.0), t) * scale for h, t in zip(half, whole))
     update, per_tensor = fixed.update()
     return OpTimes(nodes=out, update=update * memory_scale, per_tensor=per_tensor * memory_scale,
-                   reshard=fixed.reshard() * memory_scale, fixed=fixed_parts, seconds=time.perf_counter() - start)
+                   reshard=fixed.reshard() * memory_scale, fixed=fixed_parts,
+                   seconds=time.perf_counter() - spent.start)
 
 
 class _Budget:
